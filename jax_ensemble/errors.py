@@ -1,0 +1,26 @@
+"""Errors a person can act on.
+
+Every failure caused by the user's input (config, model name, checkpoint file, data)
+raises a subclass of :class:`JaxEnsembleError` with a one-line, actionable message. The
+CLI prints it as ``error: <message>`` and exits with status 2, without a traceback.
+"""
+
+
+class JaxEnsembleError(Exception):
+    """Base class for user-facing errors (CLI exit status 2)."""
+
+
+class ConfigError(JaxEnsembleError):
+    """A config file, a ``key=value`` override or a CLI argument is invalid."""
+
+
+class ModelSourceError(JaxEnsembleError):
+    """A model name or path cannot be resolved, downloaded or verified."""
+
+
+class CheckpointError(JaxEnsembleError):
+    """A checkpoint file is corrupt, truncated or does not match the model config."""
+
+
+class DataError(JaxEnsembleError):
+    """A task or its data is missing, empty, single-class or malformed."""
