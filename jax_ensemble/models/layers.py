@@ -49,8 +49,8 @@ class Linear(nnx.Module):
         self.kernel, self.scale = _stored_kernel(
             (in_features, out_features), base_dtype, rngs.params(), reduce_axis=0
         )
-        self.lora_a: nnx.LoRAParam | None = None
-        self.lora_b: nnx.LoRAParam | None = None
+        self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+        self.lora_b: nnx.LoRAParam | None = nnx.data(None)
         self.lora_scaling = 0.0
         self.lora_dropout = 0.0
 
