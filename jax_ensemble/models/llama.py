@@ -86,8 +86,9 @@ class LlamaConfig:
             raise CheckpointError(f"model config.json lacks the key {e.args[0]!r}") from None
 
     @classmethod
-    def from_gguf_metadata(cls, meta: dict[str, Any], tensor_names: set[str]) -> "LlamaConfig":
-        """From GGUF key/values (``llama.*``, ``tokenizer.ggml.*``)."""
+    def from_gguf_metadata(cls, meta: dict[str, Any], hf_tensor_names: set[str]) -> "LlamaConfig":
+        """From GGUF key/values (``llama.*``, ``tokenizer.ggml.*``) and the file's tensor
+        names mapped to Hugging Face names (an LM head present means untied)."""
         arch = meta.get("general.architecture")
         if arch != "llama":
             raise CheckpointError(f"GGUF architecture {arch!r} is not supported (only 'llama')")
@@ -109,7 +110,7 @@ class LlamaConfig:
                 rms_norm_eps=float(meta["llama.attention.layer_norm_rms_epsilon"]),
                 rope_theta=float(meta.get("llama.rope.freq_base", 10000.0)),
                 rope_scaling=scaling,
-                tie_word_embeddings="output.weight" not in tensor_names,
+                tie_word_embeddings="lm_head.weight" not in hf_tensor_names,
                 max_position_embeddings=int(meta.get("llama.context_length", 2048)),
                 bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
                 eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),

@@ -1,0 +1,137 @@
+"""Shared fixtures: a tiny random Llama written by transformers (safetensors) and as GGUF."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TINY = dict(
+    vocab_size=258,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    rms_norm_eps=1e-5,
+    rope_theta=10000.0,
+    bos_token_id=256,
+    eos_token_id=256,
+)
+
+
+def byte_level_vocab() -> tuple[list[str], list[str]]:
+    """256 byte-level symbols, one merged token and an end-of-text control token."""
+    from tokenizers import pre_tokenizers
+
+    tokens = sorted(pre_tokenizers.ByteLevel.alphabet())
+    return tokens + ["<|endoftext|>", "Ġt"], ["Ġ t"]
+
+
+def save_tiny_hf(directory: Path, *, tie: bool, rope_scaling: dict | None = None, seed: int = 0) -> Path:
+    """Save a random tiny LlamaForCausalLM with transformers (safetensors) + a tokenizer.json."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(**TINY, tie_word_embeddings=tie, rope_scaling=rope_scaling)
+    model = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():  # non-trivial norm weights so a wrong norm layout is caught
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn_like(p))
+    model.save_pretrained(directory, safe_serialization=True)
+    tokens, merges = byte_level_vocab()
+    backend = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split()) for m in merges]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.save(str(directory / "tokenizer.json"))
+    return directory
+
+
+def torch_logits(directory: Path, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    """Reference logits from transformers' PyTorch LlamaForCausalLM (float32)."""
+    import torch
+    import transformers
+
+    model = transformers.LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    ids = torch.tensor(input_ids)
+    kwargs = {}
+    if attention_mask is not None:
+        mask = torch.tensor(attention_mask)
+        kwargs = dict(attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0))
+    with torch.no_grad():
+        return model(ids, **kwargs).logits.numpy()
+
+
+def llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """llama.cpp's convert script's Q/K row order (interleaved RoPE pairs), written from its docs."""
+    rows = w.shape[0]
+    return w.reshape(num_heads, 2, rows // num_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(hf_dir: Path, path: Path) -> Path:
+    """Convert the tiny HF checkpoint to GGUF (f32 tensors) the way llama.cpp does."""
+    import gguf
+    from safetensors.numpy import load_file
+
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    tensors = load_file(str(hf_dir / "model.safetensors"))
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(cfg["num_hidden_layers"])
+    writer.add_context_length(cfg["max_position_embeddings"])
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(cfg["num_attention_heads"])
+    writer.add_head_count_kv(cfg["num_key_value_heads"])
+    writer.add_rope_freq_base(TINY["rope_theta"])
+    writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
+    writer.add_vocab_size(cfg["vocab_size"])
+    tokens, merges = byte_level_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t == "<|endoftext|>" else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(256)
+    writer.add_eos_token_id(256)
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+        "mlp.down_proj": "ffn_down",
+    }
+    for i in range(cfg["num_hidden_layers"]):
+        for hf, gg in per_layer.items():
+            names[f"model.layers.{i}.{hf}.weight"] = f"blk.{i}.{gg}.weight"
+    for hf_name, w in tensors.items():
+        w = w.astype(np.float32)
+        if hf_name.endswith("q_proj.weight"):
+            w = llama_cpp_permute(w, cfg["num_attention_heads"])
+        elif hf_name.endswith("k_proj.weight"):
+            w = llama_cpp_permute(w, cfg["num_key_value_heads"])
+        writer.add_tensor(names[hf_name], w)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory) -> Path:
+    return save_tiny_hf(tmp_path_factory.mktemp("tiny_hf"), tie=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tiny_hf_dir, tmp_path_factory) -> Path:
+    return write_tiny_gguf(tiny_hf_dir, tmp_path_factory.mktemp("tiny_gguf") / "tiny.gguf")
