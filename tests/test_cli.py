@@ -1,0 +1,75 @@
+"""The command line as a user runs it: exit codes, one-line errors, JSON output."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jax_ensemble.cli", *args],
+        capture_output=True, text=True, cwd=ROOT, env={**os.environ, **(env or {})}, timeout=600,
+    )
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_generate_json_names_paris():
+    result = cli("generate", "--model", "smollm2-135m", "--max-new-tokens", "4", "--json", "The capital of France is")
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout)
+    assert "Paris" in out["completion"] and len(out["new_token_ids"]) <= 4
+
+
+def test_unknown_model_exit_2():
+    assert_one_line_error(cli("generate", "--model", "no-such-model", "hello"), "unknown model 'no-such-model'")
+
+
+def test_unreachable_hub_id_exit_2(tmp_path):
+    result = cli("generate", "--model", "someorg/some-model", "hi", env={"JAX_ENSEMBLE_CACHE": str(tmp_path)})
+    assert_one_line_error(result, "could not download 'someorg/some-model'")
+
+
+def test_corrupt_gguf_exit_2(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00" * 40)
+    assert_one_line_error(cli("generate", "--model", str(bad), "hi"), "truncated or corrupt")
+
+
+def test_shape_mismatch_exit_2(tiny_hf_dir, tmp_path):
+    for f in tiny_hf_dir.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["hidden_size"] = 32
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(cli("generate", "--model", str(tmp_path), "hi"), "config does not match")
+
+
+def test_run_bad_config_key_and_value(tmp_path):
+    assert_one_line_error(cli("run", "lora.rnak=3"), "unknown config key 'lora.rnak'")
+    assert_one_line_error(cli("run", "model.base_dtype=int4"), "model.base_dtype must be one of")
+    assert_one_line_error(cli("run", "--config", str(tmp_path / "missing.yaml")), "does not exist")
+
+
+@pytest.mark.slow
+def test_run_default_config_writes_summary(tmp_path):
+    result = cli("run", "--config", "configs/default.yaml", f"run_dir={tmp_path}")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"run directory: {tmp_path}"
+    summary = json.loads((tmp_path / "model.json").read_text())
+    assert summary["lora_b0_max_abs_logit_change"] == 0.0
+    assert "Paris" in summary["sanity_completion"]
+    assert summary["parameters"]["lora_params"] == 30 * (576 * 4 + 4 * 576 + 2 * (576 * 4 + 4 * 192))

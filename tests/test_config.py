@@ -1,0 +1,43 @@
+"""Config loading, overrides and validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from jax_ensemble.config import config_hash, load_config
+from jax_ensemble.errors import ConfigError
+
+
+def test_default_yaml_and_overrides():
+    cfg = load_config("configs/default.yaml", ["lora.rank=8", "lora.alpha=16", "model.base_dtype=float32"])
+    assert (cfg.name, cfg.lora.rank, cfg.lora.alpha, cfg.model.base_dtype) == ("default", 8, 16.0, "float32")
+    assert cfg.model.source == "smollm2-135m"
+    assert config_hash(cfg) == config_hash(load_config("configs/default.yaml", ["lora.rank=8", "lora.alpha=16.0", "model.base_dtype=float32"]))
+    assert config_hash(cfg) != config_hash(load_config("configs/default.yaml"))
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("lora.rank=0", "lora.rank must be >= 1"),
+        ("lora.rank=two", "must be int"),
+        ("lora.dropout=1.5", "lora.dropout must be in"),
+        ("nosuchsection.x=1", "unknown config key 'nosuchsection'"),
+        ("model.compute_dtype=float16", "model.compute_dtype must be one of"),
+        ("lora", "must look like key=value"),
+        ("lora=3", "must be a mapping"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/default.yaml", [override])
+
+
+def test_bad_yaml(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_text("model: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    path.write_text("- a list")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_config(path)
