@@ -63,7 +63,7 @@ def load_llama(
     )
     graphdef, state = nnx.split(abstract)
     flat = dict(nnx.to_flat_state(state))
-    values: dict[tuple, np.ndarray] = {}
+    values: dict[tuple, jnp.ndarray] = {}
     for path, var in flat.items():
         module, leaf = path[:-1], path[-1]
         if leaf == "scale":
@@ -81,8 +81,9 @@ def load_llama(
                 w, s = quantize_int8(w, reduce_axis)
                 scales.append(s)
             parts.append(w.astype(var.dtype))
-        values[path] = np.stack(parts) if stacked else parts[0]
+        values[path] = jnp.asarray(np.stack(parts) if stacked else parts[0])
         if quantized:
-            values[module + ("scale",)] = np.stack(scales) if stacked else scales[0]
-    leaves = [(path, var.replace(jnp.asarray(values[path]))) for path, var in flat.items()]
+            values[module + ("scale",)] = jnp.asarray(np.stack(scales) if stacked else scales[0])
+        del parts
+    leaves = [(path, var.replace(values[path])) for path, var in flat.items()]
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
