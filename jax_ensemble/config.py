@@ -75,6 +75,165 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh ``(data, fsdp, tensor)`` and the multi-host launch.
+
+    Axis sizes multiply to the number of devices (over all processes); one size may be
+    -1, meaning "every device the other axes leave". ``data`` and ``fsdp`` both split the
+    batch; ``fsdp`` also shards the frozen base and the LoRA/optimizer state over the
+    input dimension, ``tensor`` over the output dimension.
+
+    coordinator_address: ``""`` (one process), ``"auto"`` (let ``jax.distributed``
+      detect the cluster: TPU pods, SLURM, Open MPI) or ``"host:port"`` of process 0,
+      with ``num_processes`` and this process's ``process_id``.
+    """
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+    coordinator_address: str = ""
+    num_processes: int = 1
+    process_id: int = 0
+
+    def __post_init__(self) -> None:
+        sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
+        for key, size in sizes.items():
+            if size == 0 or size < -1:
+                raise ConfigError(f"{key} must be >= 1 or -1 (all remaining devices), got {size}")
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+        if self.num_processes < 1:
+            raise ConfigError(f"mesh.num_processes must be >= 1, got {self.num_processes}")
+        if not 0 <= self.process_id < self.num_processes:
+            raise ConfigError(
+                f"mesh.process_id must be in [0, {self.num_processes}), got {self.process_id}"
+            )
+
+    def batch_shards(self) -> int | None:
+        """How many ways a batch is split (data × fsdp), or None while a -1 is unresolved."""
+        return None if -1 in (self.data, self.fsdp) else self.data * self.fsdp
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingConfig:
+    """LoRA training: AdamW on the LoRA parameters only.
+
+    ``batch_size`` examples per optimizer step, in ``grad_accum_steps`` micro-batches of
+    ``batch_size / grad_accum_steps`` (each divisible by mesh data × fsdp). Length is
+    ``max_steps`` if > 0, else ``ceil(epochs · train examples / batch_size)``. The
+    learning rate warms up linearly from 0 over ``warmup_steps``, then decays to 0 on a
+    cosine. ``max_grad_norm`` clips the global gradient norm (0: off). Validation every
+    ``eval_every`` steps and at the end; training stops after ``patience`` evaluations
+    without a lower validation loss (0: never) and keeps the best adapter. Checkpoints
+    every ``checkpoint_every`` steps and at the end, the last ``keep_last`` kept.
+    """
+
+    learning_rate: float = 5e-4
+    warmup_steps: int = 10
+    max_steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum_steps: int = 1
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    eval_every: int = 50
+    eval_batch_size: int = 16
+    patience: int = 0
+    checkpoint_every: int = 50
+    keep_last: int = 2
+
+    def __post_init__(self) -> None:
+        if self.learning_rate <= 0:
+            raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
+        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.eval_batch_size < 1:
+            raise ConfigError("training.batch_size, grad_accum_steps and eval_batch_size must be >= 1")
+        if self.batch_size % self.grad_accum_steps:
+            raise ConfigError(
+                f"training.batch_size={self.batch_size} is not divisible by "
+                f"training.grad_accum_steps={self.grad_accum_steps}"
+            )
+        if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
+            raise ConfigError("training.max_steps must be > 0, or training.epochs > 0 with max_steps 0")
+        for key in ("warmup_steps", "patience"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"training.{key} must be >= 0, got {getattr(self, key)}")
+        for key in ("eval_every", "checkpoint_every", "keep_last"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"training.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError("training.max_grad_norm and training.weight_decay must be >= 0")
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.batch_size // self.grad_accum_steps
+
+
+@dataclasses.dataclass(frozen=True)
+class TasksConfig:
+    """Which tasks, how they are split and tokenized.
+
+    suite: a suite name (``offline10``, ``superglue10``) or a suite YAML file.
+    train_size / validation_size / test_size: examples per task in each split (stratified,
+      deterministic for ``split_seed``; scaled down together when a task has fewer).
+    max_length: tokens per prompt; longer prompts lose tokens from the left (the answer
+      position is kept). Batches are padded to the smallest of 32, 64, 128, ... (capped at
+      max_length) that fits, so jit compiles few shapes.
+    batch_size: examples per evaluation batch (padding rows have weight 0).
+    hub_mirror: a local directory with ``<task>/<split>.jsonl`` in the hub's schema, read
+      instead of the Hugging Face hub (``superglue10`` where the hub is unreachable).
+    """
+
+    suite: str = "offline10"
+    train_size: int = 200
+    validation_size: int = 50
+    test_size: int = 100
+    split_seed: int = 0
+    max_length: int = 128
+    batch_size: int = 16
+    hub_mirror: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.suite:
+            raise ConfigError("tasks.suite is empty: give offline10, superglue10 or a suite .yaml file")
+        for key in ("train_size", "validation_size", "test_size", "batch_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"tasks.{key} must be >= 1, got {getattr(self, key)}")
+        if self.max_length < 8:
+            raise ConfigError(f"tasks.max_length must be >= 8, got {self.max_length}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GradientsConfig:
+    """Per-example projected gradients at the base model (METHOD.md §2).
+
+    dim: projection dimension d (paper 400); kind: ``rademacher`` (±1/√d) or
+    ``gaussian``; seed: the projector's seed (P is regenerated from it, never stored);
+    block_rows: rows of P generated at once (part of P's identity); strategy:
+    ``reverse`` | ``forward`` | ``auto`` (cost model); direction_chunk: columns of P per
+    vmapped JVP (forward); batch_size: examples per jitted batch; shard_examples:
+    examples per shard file (rounded up to whole batches); memory_budget_mb: extra
+    memory ``auto`` may spend on per-example gradients or tangents.
+    """
+
+    dim: int = 400
+    kind: str = "rademacher"
+    seed: int = 0
+    block_rows: int = 4096
+    strategy: str = "auto"
+    direction_chunk: int = 32
+    batch_size: int = 8
+    shard_examples: int = 256
+    memory_budget_mb: int = 1024
+
+    def __post_init__(self) -> None:
+        _check_choice("gradients.kind", self.kind, ("rademacher", "gaussian"))
+        _check_choice("gradients.strategy", self.strategy, ("reverse", "forward", "auto"))
+        for key in ("dim", "block_rows", "direction_chunk", "batch_size", "shard_examples", "memory_budget_mb"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"gradients.{key} must be >= 1, got {getattr(self, key)}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run: name, seed, run directory and one section per stage."""
 
@@ -83,7 +242,14 @@ class Config:
     run_dir: str = ""
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     lora: LoRAConfig = dataclasses.field(default_factory=LoRAConfig)
+    tasks: TasksConfig = dataclasses.field(default_factory=TasksConfig)
     sanity_prompt: str = "The capital of France is"
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
+    gradients: GradientsConfig = dataclasses.field(default_factory=GradientsConfig)
+
+    def __post_init__(self) -> None:
+        check_batch_divisible(self.training, self.mesh.batch_shards())
 
     def resolved_run_dir(self) -> Path:
         """``run_dir`` if set, else ``runs/<name>``."""
@@ -93,6 +259,16 @@ class Config:
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def check_batch_divisible(training: TrainingConfig, batch_shards: int | None) -> None:
+    """ConfigError unless each micro-batch splits evenly over the ``batch_shards`` data axes."""
+    if batch_shards and training.micro_batch_size % batch_shards:
+        raise ConfigError(
+            f"training.batch_size={training.batch_size} (micro-batch {training.micro_batch_size} after "
+            f"grad_accum_steps={training.grad_accum_steps}) is not divisible by the mesh's data axes "
+            f"(mesh.data x mesh.fsdp = {batch_shards})"
+        )
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -118,6 +294,8 @@ def _coerce(key: str, value: Any, typ: Any) -> Any:
         return tuple(_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value))
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if typ is float and isinstance(value, str) and re.fullmatch(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+", value.strip()):
+        return float(value)  # YAML 1.1 reads 1e-3 (no dot) as a string
     if typ is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
     if typ in (int, float, str, bool) and not (

@@ -24,3 +24,11 @@ class CheckpointError(JaxEnsembleError):
 
 class DataError(JaxEnsembleError):
     """A task or its data is missing, empty, single-class or malformed."""
+
+
+class TrainingError(JaxEnsembleError):
+    """Training diverged (non-finite loss or gradient) or cannot continue."""
+
+
+class NumericalError(JaxEnsembleError):
+    """Non-finite values (NaN/inf) in model outputs or gradients outside training."""
