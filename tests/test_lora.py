@@ -129,3 +129,21 @@ def test_bad_target_regex_is_a_clear_error():
         apply_lora(tiny(), LoRAConfig(target_modules="nothing_here"), jax.random.key(0))
     with pytest.raises(ConfigError, match="not a valid regex"):
         LoRAConfig(target_modules="(")
+
+
+def test_padded_choices_get_zero_probability_and_no_gradient():
+    """A batch mixing a 2-way and a 3-way task pads the 2-way rows' choices with -1."""
+    model = tiny()
+    apply_lora(model, LoRAConfig(rank=2, alpha=8.0), jax.random.key(0))
+    data = dict(batch())
+    data["label_token_ids"] = jnp.array([[5, 6, -1], [5, 6, 7], [5, 6, -1]])
+    logits = label_logits(model, data)
+    full = np.asarray(model(data["input_ids"]))[:, 8]
+    np.testing.assert_allclose(np.asarray(logits[1]), full[1, [5, 6, 7]], atol=1e-5)
+    np.testing.assert_allclose(np.asarray(logits[0, :2]), full[0, [5, 6]], atol=1e-5)
+    probs = jax.nn.softmax(logits)
+    assert float(probs[0, 2]) == 0.0 and float(probs[2, 2]) == 0.0
+    graphdef, lora, base = split_lora(model)
+    f = lora_label_logits_fn(graphdef)
+    grads = jax.grad(lambda l: f(l, base, data)[0, 2])(lora)
+    assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
