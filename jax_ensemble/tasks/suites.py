@@ -1,0 +1,98 @@
+"""Tasks and suites by name: ``load_task(ref, config)``, ``load_suite(config)``.
+
+A task reference is a built-in task name (offline or hub) or the path of a local task spec
+(``.yaml``/``.yml``/``.json``, see :mod:`jax_ensemble.tasks.local`). A suite is a built-in
+name (``offline10``, ``superglue10``) or the path of a YAML file::
+
+    tasks: [rt_polarity, strategyqa, my_tasks/sentiment.yaml]   # paths relative to the file
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping
+
+import datasets
+import numpy as np
+
+from jax_ensemble.config import TasksConfig
+from jax_ensemble.errors import DataError
+from jax_ensemble.tasks.hub import HUB_TASKS, hub_spec_and_pools
+from jax_ensemble.tasks.local import SPEC_SUFFIXES, local_spec_and_pools, read_spec_file
+from jax_ensemble.tasks.offline import OFFLINE_TASKS, offline_spec_and_pools
+from jax_ensemble.tasks.splits import split_indices
+from jax_ensemble.tasks.task import SPLITS, Task, TaskSpec, with_class_labels
+
+SUITES: dict[str, tuple[str, ...]] = {
+    "offline10": (
+        "rt_polarity", "rt_subjectivity", "vitaminc", "epistemic_reasoning", "logical_fallacy",
+        "winowhy", "strategyqa", "sports_understanding", "intent_recognition", "implicatures",
+    ),
+    "superglue10": tuple(HUB_TASKS),
+}
+
+
+def known_tasks() -> list[str]:
+    return sorted(set(OFFLINE_TASKS) | set(HUB_TASKS))
+
+
+def suite_task_refs(suite: str) -> list[str]:
+    """Task references of a built-in suite name or a suite YAML file."""
+    if suite in SUITES:
+        return list(SUITES[suite])
+    path = Path(suite).expanduser()
+    if path.suffix in SPEC_SUFFIXES and path.exists():
+        refs = read_spec_file(path).get("tasks")
+        if not isinstance(refs, list) or not refs or not all(isinstance(r, str) for r in refs):
+            raise DataError(f"suite file {path} must hold 'tasks: [task name or spec path, ...]' (non-empty)")
+        return [r if r in OFFLINE_TASKS or r in HUB_TASKS else str(path.parent / r) for r in refs]
+    raise DataError(f"unknown suite {suite!r}: not one of {', '.join(SUITES)} and not a suite .yaml file")
+
+
+def build_task(spec: TaskSpec, pools: Mapping[str, datasets.Dataset], config: TasksConfig) -> Task:
+    """Label, check and split ``pools`` (``{"all": ...}`` or ``{"train": ..., "heldout": ...}``) into a Task."""
+    labelled = {pool: with_class_labels(spec, data) for pool, data in pools.items()}
+    for pool, data in labelled.items():
+        if len(data) == 0:
+            raise DataError(f"task {spec.name!r}: the {pool!r} data is empty")
+    counts = np.bincount(np.concatenate([np.asarray(d["label"]) for d in labelled.values()]),
+                         minlength=spec.num_classes)
+    if np.count_nonzero(counts) < 2:
+        raise DataError(f"task {spec.name!r} has a single class ({spec.class_names[int(np.argmax(counts))]!r}); "
+                        "classification needs at least two")
+    sizes = {"train": config.train_size, "validation": config.validation_size, "test": config.test_size}
+    plan = split_indices({p: d["label"] for p, d in labelled.items()}, sizes, config.split_seed, salt=spec.name)
+    splits = {s: labelled[pool].select(indices) for s, (pool, indices) in plan.items()}
+    for s in SPLITS:
+        if len(splits[s]) == 0:
+            raise DataError(f"task {spec.name!r}: the {s} split is empty ({len(labelled[plan[s][0]])} examples "
+                            f"available for {sizes[s]} requested); add data or lower tasks.{s}_size")
+    train_counts = np.bincount(np.asarray(splits["train"]["label"]), minlength=spec.num_classes)
+    if not train_counts.all():
+        missing = spec.class_names[int(np.argmin(train_counts))]
+        raise DataError(f"task {spec.name!r}: class {missing!r} has no training examples")
+    return Task(spec, splits)
+
+
+def load_task(ref: str, config: TasksConfig) -> Task:
+    """A task by built-in name or spec path, split according to ``config``."""
+    if ref in OFFLINE_TASKS:
+        spec, pools = offline_spec_and_pools(ref)
+    elif ref in HUB_TASKS:
+        spec, pools = hub_spec_and_pools(ref, config.hub_mirror)
+    elif Path(ref).suffix in SPEC_SUFFIXES:
+        spec, pools = local_spec_and_pools(Path(ref).expanduser())
+    else:
+        raise DataError(f"unknown task {ref!r}: not a built-in task ({', '.join(known_tasks())}) "
+                        f"and not a task spec file ({'/'.join(SPEC_SUFFIXES)})")
+    return build_task(spec, pools, config)
+
+
+def load_suite(config: TasksConfig) -> list[Task]:
+    """Every task of ``config.suite``, in suite order (names must be unique)."""
+    tasks = [load_task(ref, config) for ref in suite_task_refs(config.suite)]
+    names = [t.name for t in tasks]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise DataError(f"suite {config.suite!r} has two tasks named {dup!r}")
+    return tasks
