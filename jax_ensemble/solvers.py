@@ -16,7 +16,7 @@ in one program, see :func:`solve_many`):
 
 - :func:`newton`: damped Newton, Hessian Σ_i w_i G_iᵀ ∇²ℓ_i G_i + 2λI solved by Cholesky,
   step length from a backtracking grid (Armijo), stopped when the Newton decrement
-  (≈ F − min F) is at most tol·F; O(n·K·d² + d³) per iteration, for d up to a few
+  (≈ F − min F) is at most tol·F(0); O(n·K·d² + d³) per iteration, for d up to a few
   thousand;
 - :func:`lbfgs`: ``optax.lbfgs`` with its zoom line search, same stopping rule;
   O(n·K·d) per iteration, for larger d.
@@ -67,13 +67,25 @@ def _example_loss(binary: bool) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return lambda z, y: jax.nn.logsumexp(z) - jnp.take(z, y.astype(jnp.int32))
 
 
+def example_losses(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-example ℓ(y_i, z_i): outputs (n,) log-odds of class 1 or (n, K) logits → (n,)."""
+    binary = outputs.ndim == 1
+    z = outputs[:, None] if binary else outputs
+    return jax.vmap(_example_loss(binary))(z, labels)
+
+
+def correct(outputs: jax.Array, labels: jax.Array) -> jax.Array:
+    """(n,) bool: whether the prediction is y_i (binary: [z_i > 0] = y_i; softmax: argmax)."""
+    if outputs.ndim == 1:
+        return (outputs > 0) == (labels > 0)
+    return jnp.argmax(outputs, axis=-1) == labels
+
+
 def objective(
     params: jax.Array, features: jax.Array, offsets: jax.Array, labels: jax.Array, weights: jax.Array, l2: float
 ) -> jax.Array:
     """F(θ) = Σ_i w_i ℓ(y_i, o_i + G_i θ) + λ‖θ‖² (shapes in the module docstring)."""
-    g, o, binary = _as_multiclass(features, offsets)
-    z = o + jnp.einsum("nkd,d->nk", g, params)
-    losses = jax.vmap(_example_loss(binary))(z, labels)
+    losses = example_losses(predictions(params, features, offsets), labels)
     return jnp.sum(weights * losses) + l2 * jnp.sum(params**2)
 
 
@@ -95,7 +107,7 @@ def newton(
     l2: float,
     *,
     max_iter: int = 50,
-    tol: float = 1e-6,
+    tol: float = 1e-10,
 ) -> Solution:
     """Minimise F by damped Newton from θ = 0 (see the module docstring).
 
@@ -103,7 +115,7 @@ def newton(
     (σ(1−σ) binary, diag(p) − ppᵀ softmax) by Cholesky, then takes the largest t in
     {1, 1/2, ..., 1/2048} with F(θ + tΔ) ≤ F(θ) + 10⁻⁴·t·⟨∇F, Δ⟩ (F along the line costs
     O(n·K) per t, so all t are tried at once). Stops once the Newton decrement
-    ½·⟨−∇F, Δ⟩ (≈ F(θ) − min F) is at most tol·F(θ), after that step. Requires λ > 0."""
+    ½·⟨−∇F, Δ⟩ (≈ F(θ) − min F) is at most tol·F(0), after that step. Requires λ > 0."""
     g, o, binary = _as_multiclass(features, offsets)
     loss = _example_loss(binary)
     d = g.shape[-1]
@@ -131,17 +143,16 @@ def newton(
         theta, z = theta + t * delta, z + t * dz
         return theta, z, gradient(z, theta), values[first], -0.5 * slope, it + 1
 
-    def done(val: jax.Array, gap: jax.Array) -> jax.Array:
-        return gap <= tol * val
 
     theta0 = jnp.zeros((d,), g.dtype)
     grad0 = gradient(o, theta0)
     val0 = value(o, theta0)
     gap0 = jnp.where(jnp.any(grad0 != 0), jnp.inf, 0.0).astype(g.dtype)
+    done = lambda gap: gap <= tol * val0  # noqa: E731
     carry = (theta0, o, grad0, val0, gap0, jnp.int32(0))
-    keep_going = lambda c: (c[-1] < max_iter) & ~done(c[3], c[4])  # noqa: E731
+    keep_going = lambda c: (c[-1] < max_iter) & ~done(c[4])  # noqa: E731
     theta, _, grad, val, gap, it = jax.lax.while_loop(keep_going, step, carry)
-    return Solution(theta, val, jnp.linalg.norm(grad), it, done(val, gap))
+    return Solution(theta, val, jnp.linalg.norm(grad), it, done(gap))
 
 
 def lbfgs(
