@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_ensemble import solvers
-from jax_ensemble.errors import ConfigError, DataError
+from jax_ensemble.errors import ConfigError, DataError, NumericalError
 
 
 def subset_size(num_tasks: int, fraction: float) -> int:
@@ -89,11 +89,12 @@ def check_inputs(
     features: np.ndarray, offsets: np.ndarray, labels: np.ndarray, task_ids: np.ndarray,
     train_mask: np.ndarray, val_mask: np.ndarray, num_tasks: int,
 ) -> None:
-    """DataError on non-finite gradients or outputs, or a task without train/validation rows."""
+    """NumericalError on non-finite gradients or outputs; DataError for a task without
+    train/validation rows or labels outside the outputs' classes."""
     for name, x in (("projected gradients G", features), ("base outputs f0", offsets)):
         bad = ~np.isfinite(x).reshape(len(x), -1).all(axis=1)
         if bad.any():
-            raise DataError(
+            raise NumericalError(
                 f"{name} hold NaN/inf in {int(bad.sum())} of {len(x)} rows (first: row {int(np.argmax(bad))}); "
                 "recompute the gradients stage (e.g. with model.compute_dtype=float32)"
             )

@@ -32,3 +32,7 @@ class TrainingError(JaxEnsembleError):
 
 class NumericalError(JaxEnsembleError):
     """Non-finite values (NaN/inf) in model outputs or gradients outside training."""
+
+
+class SolverError(JaxEnsembleError):
+    """A numerical solver (e.g. the grouping SDP) did not reach an optimal solution."""

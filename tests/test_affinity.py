@@ -11,7 +11,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
 from jax_ensemble import affinity, solvers
-from jax_ensemble.errors import ConfigError, DataError
+from jax_ensemble.errors import ConfigError, DataError, NumericalError
 
 
 def test_subsets_distinct_sized_seeded_and_cover_pairs():
@@ -132,7 +132,7 @@ def test_affinity_matrix_definition_and_planted_groups():
 def test_bad_inputs_are_reported():
     g, labels, task_ids, train, val = _tasks()
     g[7, 3] = np.nan
-    with pytest.raises(DataError, match=r"projected gradients G hold NaN/inf in 1 of .* row 7"):
+    with pytest.raises(NumericalError, match=r"projected gradients G hold NaN/inf in 1 of .* row 7"):
         affinity.check_inputs(g, np.zeros(len(labels)), labels, task_ids, train, val, 5)
     g[7, 3] = 0
     with pytest.raises(DataError, match="task 2 has no validation rows"):
