@@ -234,6 +234,59 @@ class GradientsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class AffinityConfig:
+    """Task affinity from linearized estimates (METHOD.md §3–4).
+
+    num_subsets: distinct random task subsets (paper 50), each of ⌈subset_fraction·n⌉
+    tasks (at least 2); seed: the subsets' seed. Per subset S one regression
+    argmin_w Σ_{train(S)} ℓ(y, f0 + ⟨g, w⟩) + l2·‖w‖² (l2 typically 1e-3 to 1e-2);
+    balance_tasks: upsample small tasks so every task's training rows weigh alike;
+    solver: ``auto`` (Newton up to 2048 features, else L-BFGS) | ``newton`` | ``lbfgs``;
+    metric: the per-task score averaged into the affinity: ``loss`` (minus the
+    validation loss) or ``accuracy``.
+    """
+
+    num_subsets: int = 50
+    subset_fraction: float = 0.3
+    l2: float = 1e-3
+    balance_tasks: bool = False
+    solver: str = "auto"
+    metric: str = "loss"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("affinity.solver", self.solver, ("auto", "newton", "lbfgs"))
+        _check_choice("affinity.metric", self.metric, ("loss", "accuracy"))
+        if self.num_subsets < 1:
+            raise ConfigError(f"affinity.num_subsets must be >= 1, got {self.num_subsets}")
+        if not 0.0 < self.subset_fraction <= 1.0:
+            raise ConfigError(f"affinity.subset_fraction must be in (0, 1], got {self.subset_fraction}")
+        if self.l2 <= 0:
+            raise ConfigError(f"affinity.l2 must be > 0 (it keeps separable subsets finite), got {self.l2}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClusteringConfig:
+    """Task grouping from the affinity matrix (METHOD.md §5).
+
+    method: ``sdp`` (the relaxation, rounded by average linkage) | ``spectral`` |
+    ``random`` | ``one`` (all tasks together) | ``each`` (one group per task);
+    num_groups: m, or 0 to take the largest eigengap of the normalised affinity;
+    solver: cvxpy's ``CLARABEL`` or ``SCS`` for the SDP.
+    """
+
+    method: str = "sdp"
+    num_groups: int = 0
+    solver: str = "CLARABEL"
+
+    def __post_init__(self) -> None:
+        _check_choice("clustering.method", self.method, ("sdp", "spectral", "random", "one", "each"))
+        _check_choice("clustering.solver", self.solver, ("CLARABEL", "SCS"))
+        if self.num_groups < 0:
+            raise ConfigError(f"clustering.num_groups must be >= 0 (0: eigengap), got {self.num_groups}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run: name, seed, run directory and one section per stage."""
 
@@ -247,6 +300,8 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     gradients: GradientsConfig = dataclasses.field(default_factory=GradientsConfig)
+    affinity: AffinityConfig = dataclasses.field(default_factory=AffinityConfig)
+    clustering: ClusteringConfig = dataclasses.field(default_factory=ClusteringConfig)
 
     def __post_init__(self) -> None:
         check_batch_divisible(self.training, self.mesh.batch_shards())

@@ -41,3 +41,21 @@ def test_bad_yaml(tmp_path):
     path.write_text("- a list")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("affinity.solver=cg", "affinity.solver must be one of"),
+        ("affinity.l2=0", "affinity.l2 must be > 0"),
+        ("affinity.subset_fraction=1.5", "affinity.subset_fraction must be in"),
+        ("affinity.num_subsets=0", "affinity.num_subsets must be >= 1"),
+        ("clustering.method=kmeans", "clustering.method must be one of"),
+        ("clustering.num_groups=-1", "clustering.num_groups must be >= 0"),
+    ],
+)
+def test_bad_affinity_and_clustering_keys(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("configs/default.yaml", [override])
+    cfg = load_config("configs/default.yaml", ["affinity.l2=1e-2", "clustering.num_groups=3"])
+    assert (cfg.affinity.l2, cfg.affinity.num_subsets, cfg.clustering.num_groups) == (1e-2, 50, 3)
