@@ -131,6 +131,23 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_uq(args: argparse.Namespace) -> int:
+    from jax_ensemble.uq import run_uq
+
+    summary = run_uq(_tasks_config(args))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"uq: {summary['members']} members, trained on {', '.join(summary['in_distribution'])}; "
+          f"OOD: {', '.join(summary['out_of_distribution'])}; ECE with {summary['num_bins']} bins")
+    print(f"  {'method':<12} {'accuracy':>9} {'ece':>7} {'nll':>7} {'brier':>7} {'ood_auroc':>10}")
+    for name, r in summary["results"].items():
+        print(f"  {name:<12} {r['accuracy']:>9.3f} {r['ece']:>7.3f} {r['nll']:>7.3f} {r['brier']:>7.3f} "
+              f"{r['ood_auroc']:>10.3f}")
+    print(f"reliability diagrams: {summary['reliability_png']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jax-ensemble",
@@ -183,6 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     grads.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
     grads.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. gradients.dim=200")
     grads.set_defaults(handler=_cmd_gradients)
+
+    uq = sub.add_parser("uq", help="single adapter vs LoRA ensemble vs MC dropout: calibration and OOD detection")
+    uq.add_argument("--json", action="store_true", help="print one JSON object (results: method -> metrics)")
+    config_args(uq)
+    uq.set_defaults(handler=_cmd_uq)
     return parser
 
 

@@ -287,6 +287,43 @@ class ClusteringConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class UQConfig:
+    """LoRA ensembles for uncertainty (METHOD.md §7), the ``uq`` command.
+
+    in_distribution: tasks the adapters are fine-tuned on (their test splits are scored);
+    out_of_distribution: tasks whose test examples the fine-tuned models meet unseen (OOD
+      AUROC, OOD = positive, scored by −max probability and by entropy);
+    members: ensemble size M (also the number of MC-dropout samples);
+    weight_decay / kl_penalty: > 0 adds the regularised ensembles ``ensemble_wd`` (AdamW
+      weight decay on A, B) / ``ensemble_kl`` (β·KL(p_base ‖ p_θ) on the label words);
+    mc_dropout: LoRA dropout rate of the MC-dropout baseline (trained and sampled with it);
+    num_bins: equal-width ECE bins.
+    """
+
+    in_distribution: tuple[str, ...] = ("rt_polarity",)
+    out_of_distribution: tuple[str, ...] = ("rt_subjectivity",)
+    members: int = 5
+    weight_decay: float = 0.0
+    kl_penalty: float = 0.0
+    mc_dropout: float = 0.1
+    num_bins: int = 15
+
+    def __post_init__(self) -> None:
+        if not self.in_distribution or not self.out_of_distribution:
+            raise ConfigError("uq.in_distribution and uq.out_of_distribution must each name at least one task")
+        if overlap := set(self.in_distribution) & set(self.out_of_distribution):
+            raise ConfigError(f"uq: task {sorted(overlap)[0]!r} is both in- and out-of-distribution")
+        if self.members < 2:
+            raise ConfigError(f"uq.members must be >= 2 (an ensemble), got {self.members}")
+        if self.weight_decay < 0 or self.kl_penalty < 0:
+            raise ConfigError("uq.weight_decay and uq.kl_penalty must be >= 0 (0 turns the variant off)")
+        if not 0.0 < self.mc_dropout < 1.0:
+            raise ConfigError(f"uq.mc_dropout must be in (0, 1), got {self.mc_dropout}")
+        if self.num_bins < 1:
+            raise ConfigError(f"uq.num_bins must be >= 1, got {self.num_bins}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run: name, seed, run directory and one section per stage."""
 
@@ -302,6 +339,7 @@ class Config:
     gradients: GradientsConfig = dataclasses.field(default_factory=GradientsConfig)
     affinity: AffinityConfig = dataclasses.field(default_factory=AffinityConfig)
     clustering: ClusteringConfig = dataclasses.field(default_factory=ClusteringConfig)
+    uq: UQConfig = dataclasses.field(default_factory=UQConfig)
 
     def __post_init__(self) -> None:
         check_batch_divisible(self.training, self.mesh.batch_shards())
