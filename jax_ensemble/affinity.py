@@ -16,7 +16,6 @@ its validation rows under the linear estimate f0 + ⟨g, ŵ_S⟩ (mean loss and 
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import NamedTuple
 
@@ -117,38 +116,49 @@ class Estimates(NamedTuple):
     solution: solvers.Solution
 
 
+def subset_rows(subsets: np.ndarray, task_ids: np.ndarray, train_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows (S, m) int32, valid (S, m) bool): each subset's training rows (rows i with
+    train_mask[i] and task_ids[i] ∈ S), padded to the largest subset's m with row 0."""
+    member = np.asarray(subsets, bool)[:, task_ids] & np.asarray(train_mask, bool)[None, :]
+    m = int(member.sum(axis=1).max())
+    rows = np.argsort(~member, axis=1, kind="stable")[:, :m]
+    return rows.astype(np.int32), np.take_along_axis(member, rows, axis=1)
+
+
 def estimate_subsets(
     features: jax.Array,
     offsets: jax.Array,
     labels: jax.Array,
-    task_ids: jax.Array,
-    train_mask: jax.Array,
-    val_mask: jax.Array,
-    subsets: jax.Array,
+    task_ids: np.ndarray,
+    train_mask: np.ndarray,
+    val_mask: np.ndarray,
+    subsets: np.ndarray,
     *,
     l2: float,
-    example_weights: jax.Array | None = None,
+    example_weights: np.ndarray | None = None,
     method: str = "auto",
+    chunk_size: int | None = None,
 ) -> Estimates:
     """All subsets' regressions and validation scores in one jitted, vmapped program.
 
     subsets: (S, n) bool; example_weights: (N,) (e.g. :func:`balancing_weights`; None:
-    all 1). Row i trains subset S iff train_mask[i] and task_ids[i] ∈ S."""
-    method = solvers.resolve_method(method, features.shape[-1])
-    base = jnp.ones(task_ids.shape, jnp.float32) if example_weights is None else example_weights
-    return _estimate(features, offsets, labels, task_ids, train_mask, val_mask, subsets, base, l2, method=method)
+    all 1). Subset S trains on its rows only (:func:`subset_rows`); ``chunk_size``
+    subsets are solved at once (None: all)."""
+    rows, valid = subset_rows(subsets, task_ids, train_mask)
+    base = np.ones(len(task_ids), np.float32) if example_weights is None else np.asarray(example_weights, np.float32)
+    weights = valid * base[rows]
+    solution = solvers.solve_many(features, offsets, labels, jnp.asarray(weights), l2, rows=jnp.asarray(rows),
+                                  method=method, chunk_size=chunk_size)
+    val_of_task = np.eye(subsets.shape[1], dtype=np.float32)[task_ids] * np.asarray(val_mask, np.float32)[:, None]
+    return _score(solution, features, offsets, labels, jnp.asarray(val_of_task))
 
 
-@functools.partial(jax.jit, static_argnames=("method",))
-def _estimate(features, offsets, labels, task_ids, train_mask, val_mask, subsets, base, l2, *, method):
-    num_tasks = subsets.shape[1]
-    weights = subsets[:, task_ids] * (train_mask * base)[None, :]  # (S, N)
-    solution = solvers.solve_many(features, offsets, labels, weights, l2, method=method)
+@jax.jit
+def _score(solution: solvers.Solution, features, offsets, labels, val_of_task) -> Estimates:
     outputs = solvers.predictions(solution.params, features, offsets)  # (S, N) or (S, N, K)
     losses = jax.vmap(solvers.example_losses, in_axes=(0, None))(outputs, labels)
     hits = jax.vmap(solvers.correct, in_axes=(0, None))(outputs, labels).astype(jnp.float32)
-    val_of_task = jax.nn.one_hot(task_ids, num_tasks) * val_mask[:, None]  # (N, n)
-    counts = val_of_task.sum(axis=0)
+    counts = val_of_task.sum(axis=0)  # val_of_task: (N, n) one-hot task of each validation row
     return Estimates(losses @ val_of_task / counts, hits @ val_of_task / counts, solution)
 
 

@@ -16,7 +16,7 @@ in one program, see :func:`solve_many`):
 
 - :func:`newton`: damped Newton, Hessian Σ_i w_i G_iᵀ ∇²ℓ_i G_i + 2λI solved by Cholesky,
   step length from a backtracking grid (Armijo), stopped when the Newton decrement
-  (≈ F − min F) is at most tol·F(0); O(n·K·d² + d³) per iteration, for d up to a few
+  (≈ F − min F) is at most tol·F(0) or stalls at float precision; O(n·K·d² + d³) per iteration, for d up to a few
   thousand;
 - :func:`lbfgs`: ``optax.lbfgs`` with its zoom line search, same stopping rule;
   O(n·K·d) per iteration, for larger d.
@@ -38,6 +38,7 @@ METHODS = ("auto", "newton", "lbfgs")
 NEWTON_MAX_DIM = 2048  # "auto" uses Newton up to this many features, L-BFGS beyond
 _STEP_SIZES = 0.5 ** jnp.arange(12.0)  # Newton's backtracking grid: 1, 1/2, ..., 1/2048
 _ARMIJO = 1e-4
+_FLOAT_NOISE = 8.0  # multiples of eps·|F| below which F differences are rounding
 
 
 class Solution(NamedTuple):
@@ -113,9 +114,11 @@ def newton(
 
     Each step solves (Σ_i w_i G_iᵀ H_i G_i + 2λI) Δ = −∇F with H_i = ∇²_z ℓ(y_i, z_i)
     (σ(1−σ) binary, diag(p) − ppᵀ softmax) by Cholesky, then takes the largest t in
-    {1, 1/2, ..., 1/2048} with F(θ + tΔ) ≤ F(θ) + 10⁻⁴·t·⟨∇F, Δ⟩ (F along the line costs
-    O(n·K) per t, so all t are tried at once). Stops once the Newton decrement
-    ½·⟨−∇F, Δ⟩ (≈ F(θ) − min F) is at most tol·F(0), after that step. Requires λ > 0."""
+    {1, 1/2, ..., 1/2048} with F(θ + tΔ) ≤ F(θ) + 10⁻⁴·t·⟨∇F, Δ⟩ + 8·eps·|F| (F along
+    the line costs O(n·K) per t, so all t are tried at once; the last term is F's
+    rounding, so near the optimum full steps are taken). Stops after the step whose
+    Newton decrement ½·⟨−∇F, Δ⟩ (≈ F(θ) − min F) is at most tol·F(0), or that no longer
+    shrank 4-fold while below 10⁻⁶·F(0) (float precision reached). Requires λ > 0."""
     g, o, binary = _as_multiclass(features, offsets)
     loss = _example_loss(binary)
     d = g.shape[-1]
@@ -130,29 +133,31 @@ def newton(
         return jnp.einsum("nkd,nk->d", g, dz) + 2.0 * l2 * theta
 
     def step(carry):
-        theta, z, grad, val, _, it = carry
+        theta, z, grad, val, gap, _, it = carry
         curv = jax.vmap(jax.hessian(loss))(z, labels) * w[:, None, None]  # (n, K, K)
         hess = jnp.einsum("nkd,nke->de", g, jnp.einsum("nkl,nle->nke", curv, g)) + 2.0 * l2 * eye
         delta = -jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(hess, lower=True), grad)
         dz = jnp.einsum("nkd,d->nk", g, delta)
         slope = jnp.vdot(grad, delta)
         values = jax.vmap(lambda t: value(z + t * dz, theta + t * delta))(_STEP_SIZES)
-        accept = values <= val + _ARMIJO * _STEP_SIZES * slope
+        noise = _FLOAT_NOISE * jnp.finfo(g.dtype).eps * jnp.abs(val)  # F's resolution: near the optimum t = 1
+        accept = values <= val + _ARMIJO * _STEP_SIZES * slope + noise
         first = jnp.where(jnp.any(accept), jnp.argmax(accept), jnp.argmin(values))
         t = _STEP_SIZES[first]
         theta, z = theta + t * delta, z + t * dz
-        return theta, z, gradient(z, theta), values[first], -0.5 * slope, it + 1
-
+        new_gap = -0.5 * slope
+        floor = (new_gap > 0.25 * gap) & (new_gap <= 1e-6 * val0)  # no quadratic progress left: float precision
+        return theta, z, gradient(z, theta), values[first], new_gap, floor, it + 1
 
     theta0 = jnp.zeros((d,), g.dtype)
     grad0 = gradient(o, theta0)
     val0 = value(o, theta0)
     gap0 = jnp.where(jnp.any(grad0 != 0), jnp.inf, 0.0).astype(g.dtype)
-    done = lambda gap: gap <= tol * val0  # noqa: E731
-    carry = (theta0, o, grad0, val0, gap0, jnp.int32(0))
-    keep_going = lambda c: (c[-1] < max_iter) & ~done(c[4])  # noqa: E731
-    theta, _, grad, val, gap, it = jax.lax.while_loop(keep_going, step, carry)
-    return Solution(theta, val, jnp.linalg.norm(grad), it, done(gap))
+    done = lambda gap, floor: (gap <= tol * val0) | floor  # noqa: E731
+    carry = (theta0, o, grad0, val0, gap0, jnp.array(False), jnp.int32(0))
+    keep_going = lambda c: (c[-1] < max_iter) & ~done(c[4], c[5])  # noqa: E731
+    theta, _, grad, val, gap, floor, it = jax.lax.while_loop(keep_going, step, carry)
+    return Solution(theta, val, jnp.linalg.norm(grad), it, done(gap, floor))
 
 
 def lbfgs(
@@ -208,19 +213,35 @@ def solve_many(
     weights: jax.Array,
     l2: float,
     *,
+    rows: jax.Array | None = None,
     method: str = "auto",
     max_iter: int | None = None,
     tol: float | None = None,
+    chunk_size: int | None = None,
 ) -> Solution:
-    """Solve one problem per row of ``weights`` (S, n) over shared G, o, y: one vmapped,
-    jitted program (``max_iter``/``tol`` None: the solver's defaults). Returns a
-    :class:`Solution` whose fields have a leading axis S."""
+    """Many problems over shared G, o, y in one jitted program.
+
+    weights (S, n): problem s weighs row i by weights[s, i]. With rows (S, m) int,
+    problem s sees only rows[s] (weighted by weights (S, m); pad with weight 0), which is
+    cheaper when each problem uses a fraction of the rows. The S problems are vmapped,
+    ``chunk_size`` at a time if given (bounds memory). ``max_iter``/``tol`` None: the
+    solver's defaults. Returns a :class:`Solution` whose fields have a leading axis S."""
     method = resolve_method(method, features.shape[-1])
-    return _solve_many(features, offsets, labels, weights, l2, method=method, max_iter=max_iter, tol=tol)
+    return _solve_many(features, offsets, labels, weights, rows, l2, method=method, max_iter=max_iter, tol=tol,
+                       chunk_size=chunk_size)
 
 
-@functools.partial(jax.jit, static_argnames=("method", "max_iter", "tol"))
-def _solve_many(features, offsets, labels, weights, l2, *, method, max_iter, tol):
+@functools.partial(jax.jit, static_argnames=("method", "max_iter", "tol", "chunk_size"))
+def _solve_many(features, offsets, labels, weights, rows, l2, *, method, max_iter, tol, chunk_size):
     solver = newton if method == "newton" else lbfgs
     kwargs = {k: v for k, v in (("max_iter", max_iter), ("tol", tol)) if v is not None}
-    return jax.vmap(lambda w: solver(features, offsets, labels, w, l2, **kwargs))(weights)
+
+    def one(args):
+        w, r = args
+        if r is None:
+            return solver(features, offsets, labels, w, l2, **kwargs)
+        return solver(features[r], offsets[r], labels[r], w, l2, **kwargs)
+
+    if chunk_size is None:
+        return jax.vmap(one)((weights, rows))
+    return jax.lax.map(one, (weights, rows), batch_size=chunk_size)
