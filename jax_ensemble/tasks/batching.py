@@ -2,8 +2,8 @@
 
 A batch follows :mod:`jax_ensemble.classification`: ``input_ids`` (B, T) int32,
 ``attention_mask`` (B, T) int32, ``answer_position`` (B,) int32 (the last prompt token),
-``label_token_ids`` (B, K) int32 (first token of each label word), ``label`` (B,) int32,
-``weight`` (B,) float32. Prompts are right-padded; one longer than ``max_length`` keeps its
+``label_token_ids`` (B, K) int32 (first token of each label word; -1 pads extra choices),
+``label`` (B,) int32, ``weight`` (B,) float32. Prompts are right-padded; one longer than ``max_length`` keeps its
 last ``max_length`` tokens (and the BOS token when the tokenizer adds one), so the answer
 position survives truncation. T is the smallest bucket length (32, 64, 128, ... capped at
 ``max_length``) that holds the prompt, so a jitted function compiles one program per
@@ -111,11 +111,17 @@ def num_batches(tokenized: TokenizedSplit, batch_size: int, max_length: int) -> 
 
 
 def bucketed_batches(
-    tokenized: TokenizedSplit, batch_size: int, max_length: int, pad_id: int
+    tokenized: TokenizedSplit, batch_size: int, max_length: int, pad_id: int, num_choices: int | None = None
 ) -> Iterator[tuple[Batch, np.ndarray]]:
     """Yield ``(batch, index)``: fixed-shape batches (module doc) and their (B,) example indices
-    (-1 for padding rows), bucket by bucket (shortest first), examples in split order."""
+    (-1 for padding rows), bucket by bucket (shortest first), examples in split order.
+
+    ``num_choices`` >= K widens ``label_token_ids`` to (B, num_choices) with -1 columns (no
+    choice), so tasks with different K share shapes."""
     k = len(tokenized.label_token_ids)
+    if num_choices is not None and num_choices < k:
+        raise DataError(f"task {tokenized.task!r} has {k} classes, more than num_choices={num_choices}")
+    choices = np.concatenate([tokenized.label_token_ids, np.full((num_choices or k) - k, -1, np.int32)])
     for t, members in _buckets(tokenized, max_length):
         for start in range(0, len(members), batch_size):
             index = np.full(batch_size, -1, dtype=np.int32)
@@ -125,7 +131,7 @@ def bucketed_batches(
                 "input_ids": np.full((batch_size, t), pad_id, dtype=np.int32),
                 "attention_mask": np.zeros((batch_size, t), dtype=np.int32),
                 "answer_position": np.zeros(batch_size, dtype=np.int32),
-                "label_token_ids": np.broadcast_to(tokenized.label_token_ids, (batch_size, k)).copy(),
+                "label_token_ids": np.broadcast_to(choices, (batch_size, len(choices))).copy(),
                 "label": np.zeros(batch_size, dtype=np.int32),
                 "weight": np.zeros(batch_size, dtype=np.float32),
             }

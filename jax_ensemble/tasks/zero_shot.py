@@ -3,9 +3,9 @@
 For every example, z(x) ∈ R^K are the next-token logits after the prompt restricted to the
 first token of each label word (:func:`jax_ensemble.classification.label_logits`); the
 prediction is ``argmax z``. One jitted program per padded length runs over fixed-shape
-batches; the label-token axis is padded to the largest K of the evaluated tasks (extra
-columns repeat a real label token and are dropped before the argmax), so tasks with
-different K share programs.
+batches; the label-token axis is padded with -1 (no choice) to the largest K of the
+evaluated tasks, and those columns are dropped before the argmax, so tasks with different
+K share programs.
 """
 
 from __future__ import annotations
@@ -48,13 +48,10 @@ def split_label_logits(
 ) -> np.ndarray:
     """(N, K) label logits of every example of ``tokenized``, batch by batch.
 
-    ``num_choices`` >= K pads the label-token axis (see module doc)."""
+    ``num_choices`` >= K pads the label-token axis with -1 (see module doc)."""
     k = len(tokenized.label_token_ids)
-    width = num_choices or k
     out = np.zeros((len(tokenized.prompts), k), dtype=np.float32)
-    for batch, index in bucketed_batches(tokenized, batch_size, max_length, pad_id):
-        ids = batch["label_token_ids"]
-        batch["label_token_ids"] = np.concatenate([ids, np.repeat(ids[:, :1], width - k, axis=1)], axis=1)
+    for batch, index in bucketed_batches(tokenized, batch_size, max_length, pad_id, num_choices):
         z = logits_fn(batch)[:, :k]
         real = index >= 0
         out[index[real]] = z[real]
