@@ -106,6 +106,7 @@ def test_local_jsonl_task_round_trips(tmp_path):
         assert row["label"] == (0 if "awful" in row["text"] else 1)
         assert render_prompt(task.spec, row) == f"Review: {row['text']}\nSentiment:"
     assert task.summary()["license"] == "CC0" and "all_sha256" in task.summary()["provenance"]
+    assert task.summary()["available"] == 50
 
 
 def test_local_csv_train_and_heldout_files(tmp_path):
@@ -199,6 +200,8 @@ def test_unreachable_hub_is_one_clear_line():
          "class 'mid' has no training examples"),
         (None, {"label_words": {"neg": " n"}, "label_values": [1]}, "needs at least 2 classes"),
         (None, {"data": "missing.jsonl"}, "does not exist"),
+        (None, {"label_values": "15"}, "label_values must be a list"),
+        (None, {"label_words": [" n", " p"]}, "label_words must map each class name"),
     ],
 )
 def test_bad_task_specs_are_one_line_data_errors(tmp_path, rows, overrides, message):

@@ -74,7 +74,7 @@ def test_cli_data_list_json(capsys):
     assert main(["data", "list", "--suite", "offline10", "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert [t["name"] for t in listing] == list(SUITES["offline10"])
-    assert all(t["num_classes"] >= 2 and t["train"] >= 200 for t in listing)
+    assert all(t["num_classes"] >= 2 and t["train"] >= 200 and t["available"] >= 350 for t in listing)
 
 
 def test_cli_data_show(capsys):

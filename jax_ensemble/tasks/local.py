@@ -80,6 +80,8 @@ def local_spec_and_pools(path: Path) -> tuple[TaskSpec, dict[str, datasets.Datas
     words = raw["label_words"]
     if not isinstance(words, dict) or not all(isinstance(w, str) for w in words.values()):
         raise DataError(f"task spec {path}: label_words must map each class name to its label word")
+    if not isinstance(raw.get("label_values", []), list):
+        raise DataError(f"task spec {path}: label_values must be a list (the raw label of each class, in order)")
     data = raw["data"]
     files = {"all": data} if isinstance(data, str) else data
     if not isinstance(files, dict) or set(files) not in ({"all"}, {"train", "heldout"}):

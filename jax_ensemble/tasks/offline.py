@@ -34,7 +34,7 @@ from jax_ensemble.errors import DataError
 from jax_ensemble.package_index import cache_dir, exclusive, fetch_package_members
 from jax_ensemble.tasks.task import TaskSpec
 
-_FORMAT_VERSION = "1"
+_FORMAT_VERSION = "1"  # part of the Arrow cache key: bump when a row reader changes
 
 
 @dataclasses.dataclass(frozen=True)

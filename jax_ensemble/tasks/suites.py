@@ -71,7 +71,7 @@ def build_task(spec: TaskSpec, pools: Mapping[str, datasets.Dataset], config: Ta
     if not train_counts.all():
         missing = spec.class_names[int(np.argmin(train_counts))]
         raise DataError(f"task {spec.name!r}: class {missing!r} has no training examples")
-    return Task(spec, splits)
+    return Task(spec, splits, available=sum(len(d) for d in labelled.values()))
 
 
 def load_task(ref: str, config: TasksConfig) -> Task:

@@ -87,10 +87,12 @@ class TaskSpec:
 
 @dataclasses.dataclass(frozen=True)
 class Task:
-    """A spec with its train / validation / test ``datasets.Dataset`` splits (int ``label``)."""
+    """A spec with its train / validation / test ``datasets.Dataset`` splits (int ``label``);
+    ``available``: labelled examples the source had before splitting."""
 
     spec: TaskSpec
     splits: Mapping[str, datasets.Dataset]
+    available: int = 0
 
     @property
     def name(self) -> str:
@@ -106,7 +108,7 @@ class Task:
         return self.splits[name]
 
     def summary(self) -> dict[str, Any]:
-        """JSON-able listing: name, kind, classes, split sizes, source, license, provenance."""
+        """JSON-able listing: name, kind, classes, split sizes, available examples, source, license, provenance."""
         return {
             "name": self.name,
             "kind": self.spec.kind,
@@ -114,6 +116,7 @@ class Task:
             "classes": list(self.spec.class_names),
             "label_words": list(self.spec.label_words),
             **{s: len(self.splits[s]) for s in SPLITS},
+            "available": self.available,
             "source": self.spec.source,
             "license": self.spec.license,
             "provenance": dict(self.spec.provenance),
