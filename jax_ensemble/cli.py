@@ -148,6 +148,21 @@ def _cmd_uq(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_linearization_error(args: argparse.Namespace) -> int:
+    from jax_ensemble.config import load_config
+    from jax_ensemble.linearization_study import format_table, run_study, study_outputs
+
+    config = load_config(args.config, args.overrides)
+    result = run_study(config)
+    json_path, png_path = study_outputs(config, result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(format_table(result))
+    print(f"written: {json_path}, {png_path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jax-ensemble",
@@ -200,6 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     grads.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
     grads.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. gradients.dim=200")
     grads.set_defaults(handler=_cmd_gradients)
+
+    lin = sub.add_parser("linearization-error",
+                         help="fine-tune LoRA for several step counts and compare f with its linearization f_lin")
+    lin.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    lin.add_argument("--json", action="store_true", help="print one JSON object with a list 'settings'")
+    lin.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. linearization.steps=[5,0]")
+    lin.set_defaults(handler=_cmd_linearization_error)
 
     uq = sub.add_parser("uq", help="single adapter vs LoRA ensemble vs MC dropout: calibration and OOD detection")
     uq.add_argument("--json", action="store_true", help="print one JSON object (results: method -> metrics)")

@@ -234,6 +234,38 @@ class GradientsConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class LinearizationConfig:
+    """The linearization-error study (``jax-ensemble linearization-error``).
+
+    For each LoRA rank in ``ranks`` and learning rate in ``learning_rates`` (empty: the
+    ``lora.rank`` / ``training.learning_rate``), one fine-tune with the training section's
+    optimizer on the train rows of ``tasks`` (task names or spec paths; empty: the whole
+    suite), measured after each step count in ``steps`` on up to ``validation_examples``
+    validation examples per task. A step count of 0 stands for the training stage's own
+    length on these rows (``training.max_steps``, else ceil(epochs · rows / batch_size)).
+    The run (and its learning-rate schedule) lasts as long as the largest count; smaller
+    counts are points on its way.
+    """
+
+    tasks: tuple[str, ...] = ("rt_polarity",)
+    steps: tuple[int, ...] = (1, 3, 10, 0)
+    ranks: tuple[int, ...] = ()
+    learning_rates: tuple[float, ...] = ()
+    validation_examples: int = 50
+
+    def __post_init__(self) -> None:
+        if not self.steps or any(s < 0 for s in self.steps):
+            raise ConfigError(f"linearization.steps must be a non-empty list of counts >= 0 (0: the training "
+                              f"stage's own length), got {list(self.steps)}")
+        if any(r < 1 for r in self.ranks):
+            raise ConfigError(f"linearization.ranks must be >= 1, got {list(self.ranks)}")
+        if any(lr <= 0 for lr in self.learning_rates):
+            raise ConfigError(f"linearization.learning_rates must be > 0, got {list(self.learning_rates)}")
+        if self.validation_examples < 1:
+            raise ConfigError(f"linearization.validation_examples must be >= 1, got {self.validation_examples}")
+
+
+@dataclasses.dataclass(frozen=True)
 class AffinityConfig:
     """Task affinity from linearized estimates (METHOD.md §3–4).
 
@@ -337,6 +369,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     training: TrainingConfig = dataclasses.field(default_factory=TrainingConfig)
     gradients: GradientsConfig = dataclasses.field(default_factory=GradientsConfig)
+    linearization: LinearizationConfig = dataclasses.field(default_factory=LinearizationConfig)
     affinity: AffinityConfig = dataclasses.field(default_factory=AffinityConfig)
     clustering: ClusteringConfig = dataclasses.field(default_factory=ClusteringConfig)
     uq: UQConfig = dataclasses.field(default_factory=UQConfig)
