@@ -232,7 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides given after options (e.g. ``data show TASK -n 2 k=v``)
+        if not (hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

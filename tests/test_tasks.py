@@ -324,3 +324,16 @@ def test_cli_evaluate_zero_shot_json_on_a_user_suite(tmp_path, tiny_hf_dir, caps
     assert main(argv) == 0
     (result,) = json.loads(capsys.readouterr().out)
     assert result["task"] == "stars" and result["examples"] == 6 and 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_cli_data_show_local_spec_with_overrides_after_options(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    assert main(["data", "show", str(spec), "-n", "2", "--split", "test", "--json", "tasks.test_size=4",
+                 "tasks.train_size=20", "tasks.validation_size=10"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["test"] == 4 and len(shown["examples"]) == 2
+    assert all(e["prompt"].startswith("Review: review number") and e["answer"] in (" negative", " positive")
+               for e in shown["examples"])
+    with pytest.raises(SystemExit) as usage_error:  # argparse's usage error, status 2
+        main(["data", "show", str(spec), "-n", "2", "--bogus"])
+    assert usage_error.value.code == 2

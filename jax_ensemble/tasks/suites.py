@@ -65,8 +65,10 @@ def build_task(spec: TaskSpec, pools: Mapping[str, datasets.Dataset], config: Ta
     splits = {s: labelled[pool].select(indices) for s, (pool, indices) in plan.items()}
     for s in SPLITS:
         if len(splits[s]) == 0:
-            raise DataError(f"task {spec.name!r}: the {s} split is empty ({len(labelled[plan[s][0]])} examples "
-                            f"available for {sizes[s]} requested); add data or lower tasks.{s}_size")
+            pool = plan[s][0]
+            wanted = sum(sizes[x] for x in SPLITS if plan[x][0] == pool)
+            raise DataError(f"task {spec.name!r}: the {s} split is empty ({len(labelled[pool])} examples for "
+                            f"{wanted} requested, sizes scaled down together); add data or adjust tasks.*_size")
     train_counts = np.bincount(np.asarray(splits["train"]["label"]), minlength=spec.num_classes)
     if not train_counts.all():
         missing = spec.class_names[int(np.argmin(train_counts))]
