@@ -74,5 +74,8 @@ def test_estimate_and_cluster_cli(stage_config, tmp_path, capsys):
     assert grouping["groups"] == [["polar"], ["three"]]
     assert open(grouping["heatmap"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     assert (affinity_stage(stage_config) / "affinity.json").stat().st_mtime_ns == before
+    (affinity_stage(stage_config) / "affinity.json").unlink()  # recomputed from the cached gradients: same result
+    assert json.loads((affinity_stage(stage_config) / "affinity.json").read_text())["affinity"] == stage["affinity"]
+    np.testing.assert_array_equal(np.load(f"{stage['directory']}/estimates.npz")["params"], estimates["params"])
     assert main(["cluster", "--config", str(config_file), "clustering.num_groups=5"]) == 2
     assert "num_groups must be in [1, 2]" in capsys.readouterr().err
