@@ -356,6 +356,32 @@ class UQConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EnsembleConfig:
+    """The grouped ensemble of the main job (METHOD.md §6).
+
+    per_task_weights: fit one convex α per task on its validation rows (the paper's way:
+      each task leans on the groups that help it); false: one α for all tasks.
+    boosting_steps: trained boosting rounds b after the m group adapters (0: none).
+    step_size: η of each boosting adapter (official default 0.2).
+    random_groups: also train the same number of groups chosen at random (a baseline).
+    weights_solver: cvxpy solver for the ensemble weights.
+    """
+
+    per_task_weights: bool = True
+    boosting_steps: int = 1
+    step_size: float = 0.2
+    random_groups: bool = True
+    weights_solver: str = "CLARABEL"
+
+    def __post_init__(self) -> None:
+        if self.boosting_steps < 0:
+            raise ConfigError(f"ensemble.boosting_steps must be >= 0, got {self.boosting_steps}")
+        if not 0.0 < self.step_size <= 1.0:
+            raise ConfigError(f"ensemble.step_size must be in (0, 1], got {self.step_size}")
+        _check_choice("ensemble.weights_solver", self.weights_solver, ("CLARABEL", "SCS"))
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run: name, seed, run directory and one section per stage."""
 
@@ -373,6 +399,7 @@ class Config:
     affinity: AffinityConfig = dataclasses.field(default_factory=AffinityConfig)
     clustering: ClusteringConfig = dataclasses.field(default_factory=ClusteringConfig)
     uq: UQConfig = dataclasses.field(default_factory=UQConfig)
+    ensemble: EnsembleConfig = dataclasses.field(default_factory=EnsembleConfig)
 
     def __post_init__(self) -> None:
         check_batch_divisible(self.training, self.mesh.batch_shards())
