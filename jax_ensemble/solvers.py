@@ -14,12 +14,15 @@ weights w ≥ 0 (0 drops a row, so a task subset is a weight mask over shared ar
 Solvers (each returns a :class:`Solution`; vmap them over weights to solve many subsets
 in one program, see :func:`solve_many`):
 
-- :func:`newton`: damped Newton, Hessian Σ_i w_i G_iᵀ ∇²ℓ_i G_i + 2λI solved by Cholesky,
-  step length from a backtracking grid (Armijo), stopped when the Newton decrement
-  (≈ F − min F) is at most tol·F(0) or stalls at float precision; O(n·K·d² + d³) per iteration, for d up to a few
-  thousand;
-- :func:`lbfgs`: ``optax.lbfgs`` with its zoom line search, same stopping rule;
-  O(n·K·d) per iteration, for larger d.
+- :func:`newton`: damped Newton, Hessian Σ_i w_i G_iᵀ ∇²ℓ_i G_i + 2λI solved by
+  Cholesky, step length from a backtracking grid (Armijo), stopped when the Newton
+  decrement (≈ F − min F) is at most tol·F(0) or stalls at float precision;
+  O(n·K·d² + d³) per iteration, for d up to a few thousand;
+- :func:`lbfgs`: ``optax.lbfgs`` with its zoom line search, stopped when
+  ‖∇F‖ ≤ tol·‖∇F(0)‖; O(n·K·d) per iteration, for larger d.
+
+All rows of one problem share a dtype; float32 reaches coefficients within ~1e-4
+(relative) of a float64 reference on well-posed problems.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def predictions(params: jax.Array, features: jax.Array, offsets: jax.Array) -> j
 
 
 def _tolerance_reached(grad_norm: jax.Array, grad_norm0: jax.Array, tol: float) -> jax.Array:
+    """L-BFGS's stopping rule: ‖∇F‖ ≤ tol·‖∇F(0)‖ (always true when ∇F(0) = 0)."""
     return grad_norm <= tol * grad_norm0
 
 
