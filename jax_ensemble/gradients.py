@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_ensemble.classification import Batch, lora_label_logits_fn
-from jax_ensemble.linearize import classification_output, projected_gradients
+from jax_ensemble.linearize import classification_output, value_and_projected_gradients
 from jax_ensemble.projection import Projector
 
 FEATURE_SPACES = {
@@ -71,9 +71,10 @@ def batch_gradients(
     respect to ``features`` (the projector must be built for ``features``)."""
     output = lora_output_fn(graphdef)
     fn = lambda p, x: output(p, fixed, base_state, x)  # noqa: E731  (binds jit arguments)
-    f0 = fn(features, batch).astype(jnp.float32)
-    grads = projected_gradients(fn, features, batch, projector, strategy=strategy, direction_chunk=direction_chunk)
-    return f0, grads
+    f0, grads = value_and_projected_gradients(
+        fn, features, batch, projector, strategy=strategy, direction_chunk=direction_chunk
+    )
+    return f0.astype(jnp.float32), grads
 
 
 def feature_metadata(feature_space: str, features: Any) -> dict[str, Any]:

@@ -9,12 +9,13 @@ row i depends on example i only (any JAX model works; for the LLM see
   K logits (B, K).
 - :func:`linearize`: ``f_lin(θ, batch) = f(θ0, batch) + ⟨∇θ f(θ0, batch), θ − θ0⟩``
   (one ``jax.jvp``).
-- :func:`projected_gradients`: G[i] = Pᵀ ∇θ f(x_i; θ) ∈ R^d (or (K, d) for K outputs),
+- :func:`projected_gradients` (and :func:`value_and_projected_gradients`, which also
+  returns the outputs from the same pass): G[i] = Pᵀ ∇θ f(x_i; θ) ∈ R^d (or (K, d)),
   with P a seeded :class:`~jax_ensemble.projection.Projector`, by one of
   :data:`STRATEGIES`:
 
-  * ``reverse``: ``vmap`` over examples of ``jacrev`` (per-example gradients, B·K·p
-    floats), then block-by-block projection;
+  * ``reverse``: ``vmap`` over examples of a VJP per output (per-example gradients,
+    B·K·p floats), then block-by-block projection;
   * ``forward``: ``jax.linearize`` once on the batch, then a ``vmap`` of JVPs over the
     columns of P (``direction_chunk`` columns at a time, each lifted to a parameter
     pytree); never holds a per-example gradient;
@@ -125,16 +126,22 @@ def resolve_strategy(
     return choose_strategy(costs, memory_budget_bytes)
 
 
-def _reverse(apply_fn: ApplyFn, params: Any, batch: Any, projector: Projector) -> jax.Array:
-    def per_example(example: Any) -> Any:
+def _reverse(apply_fn: ApplyFn, params: Any, batch: Any, projector: Projector) -> tuple[jax.Array, jax.Array]:
+    def per_example(example: Any) -> tuple[jax.Array, Any]:
         single = jax.tree.map(lambda x: x[None], example)
-        return jax.jacrev(lambda p: apply_fn(p, single)[0])(params)  # leaves (*out, *shape)
+        out, vjp = jax.vjp(lambda p: apply_fn(p, single)[0], params)
+        basis = jnp.eye(out.size, dtype=out.dtype).reshape((out.size,) + out.shape)
+        (jac,) = jax.vmap(vjp)(basis)  # leaves (out.size, *shape)
+        return out, jax.tree.map(lambda j: j.reshape(out.shape + j.shape[1:]), jac)
 
-    return project(projector, jax.vmap(per_example)(batch))
+    outs, grads = jax.vmap(per_example)(batch)
+    return outs, project(projector, grads)
 
 
-def _forward(apply_fn: ApplyFn, params: Any, batch: Any, projector: Projector, direction_chunk: int) -> jax.Array:
-    _, jvp = jax.linearize(lambda p: apply_fn(p, batch), params)
+def _forward(
+    apply_fn: ApplyFn, params: Any, batch: Any, projector: Projector, direction_chunk: int
+) -> tuple[jax.Array, jax.Array]:
+    outs, jvp = jax.linearize(lambda p: apply_fn(p, batch), params)
     d = projector.dim
     c = min(direction_chunk, d)
     columns = jnp.arange(-(-d // c) * c).reshape(-1, c)  # out-of-range ids: zero directions
@@ -143,9 +150,39 @@ def _forward(apply_fn: ApplyFn, params: Any, batch: Any, projector: Projector, d
         tangents = lift(projector, jax.nn.one_hot(ids, d, dtype=jnp.float32))  # leaves (c, *shape)
         return jax.vmap(jvp)(tangents)  # (c, B, *out)
 
-    outs = jax.lax.map(chunk, columns)  # (d/c, c, B, *out)
-    outs = outs.reshape((-1,) + outs.shape[2:])[:d]
-    return jnp.moveaxis(outs, 0, -1)
+    g = jax.lax.map(chunk, columns)  # (d/c, c, B, *out)
+    g = g.reshape((-1,) + g.shape[2:])[:d]
+    return outs, jnp.moveaxis(g, 0, -1)
+
+
+def value_and_projected_gradients(
+    apply_fn: ApplyFn,
+    params: Any,
+    batch: Any,
+    projector: Projector,
+    *,
+    strategy: str = "reverse",
+    direction_chunk: int = 32,
+    memory_budget_bytes: float = 2**30,
+) -> tuple[jax.Array, jax.Array]:
+    """Outputs f(x_i; θ) and per-example projected gradients Pᵀ∇θ f(x_i; θ) at ``params``,
+    from one pass (the outputs come with the VJPs / the linearization).
+
+    apply_fn(params, batch) → (B,) or (B, *out) per-example outputs; ``batch`` a pytree
+    of arrays with leading axis B; ``projector`` built for ``params``'s structure.
+    Returns (f (B, *out), G (B, *out, d) float32). Call it inside ``jax.jit``
+    (``strategy`` and ``direction_chunk`` static)."""
+    strategy = resolve_strategy(
+        strategy,
+        projector=projector,
+        out_shape=jax.eval_shape(apply_fn, params, batch).shape,
+        flops_fn=lambda: forward_flops(apply_fn, params, batch),
+        direction_chunk=direction_chunk,
+        memory_budget_bytes=memory_budget_bytes,
+    )
+    if strategy == "reverse":
+        return _reverse(apply_fn, params, batch, projector)
+    return _forward(apply_fn, params, batch, projector, direction_chunk)
 
 
 def projected_gradients(
@@ -158,23 +195,11 @@ def projected_gradients(
     direction_chunk: int = 32,
     memory_budget_bytes: float = 2**30,
 ) -> jax.Array:
-    """Per-example projected gradients Pᵀ∇θ f(x_i; θ) at ``params``.
-
-    apply_fn(params, batch) → (B,) or (B, *out) per-example outputs; ``batch`` a pytree
-    of arrays with leading axis B; ``projector`` built for ``params``'s structure.
-    Returns (B, d) or (B, *out, d) float32. Call it inside ``jax.jit`` (``strategy`` and
-    ``direction_chunk`` static)."""
-    strategy = resolve_strategy(
-        strategy,
-        projector=projector,
-        out_shape=jax.eval_shape(apply_fn, params, batch).shape,
-        flops_fn=lambda: forward_flops(apply_fn, params, batch),
-        direction_chunk=direction_chunk,
-        memory_budget_bytes=memory_budget_bytes,
-    )
-    if strategy == "reverse":
-        return _reverse(apply_fn, params, batch, projector)
-    return _forward(apply_fn, params, batch, projector, direction_chunk)
+    """G (B, d) or (B, *out, d): :func:`value_and_projected_gradients` without the outputs."""
+    return value_and_projected_gradients(
+        apply_fn, params, batch, projector, strategy=strategy,
+        direction_chunk=direction_chunk, memory_budget_bytes=memory_budget_bytes,
+    )[1]
 
 
 def linearization_errors(
