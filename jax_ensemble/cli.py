@@ -131,41 +131,6 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_estimate(args: argparse.Namespace) -> int:
-    from jax_ensemble.affinity_stage import affinity_stage
-    from jax_ensemble.config import load_config
-
-    directory = affinity_stage(load_config(args.config, args.overrides))
-    stage = json.loads((directory / "affinity.json").read_text())
-    if args.json:
-        print(json.dumps({"directory": str(directory), **stage}))
-        return 0
-    print(f"affinity: {len(stage['subsets'])} subsets of {len(stage['subsets'][0])} / {len(stage['tasks'])} tasks "
-          f"(pair coverage {stage['pair_coverage']:.0%}), {stage['rows']} rows, d = {stage['dim']}, "
-          f"{stage['solver']}: {stage['converged']}/{len(stage['subsets'])} converged in <= {stage['max_iterations']} "
-          f"iterations, {stage['estimate_seconds']:.2f} s")
-    print(f"directory: {directory}")
-    return 0
-
-
-def _cmd_cluster(args: argparse.Namespace) -> int:
-    from jax_ensemble.affinity_stage import grouping_stage
-    from jax_ensemble.config import load_config
-
-    summary = grouping_stage(load_config(args.config, args.overrides))
-    if args.json:
-        print(json.dumps(summary))
-        return 0
-    info = summary["info"]
-    print(f"{summary['method']}: {summary['num_groups']} groups"
-          + (f" (m from {info['num_groups_from']})" if "num_groups_from" in info else "")
-          + (f", SDP {info['status']} in {info['solve_seconds']:.2f} s ({info['solver']})" if "status" in info else ""))
-    for k, group in enumerate(summary["groups"]):
-        print(f"  group {k}: {', '.join(group)}")
-    print(f"heatmap: {summary['heatmap']}")
-    return 0
-
-
 def _cmd_uq(args: argparse.Namespace) -> int:
     from jax_ensemble.uq import run_uq
 
@@ -183,18 +148,23 @@ def _cmd_uq(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_linearization_error(args: argparse.Namespace) -> int:
+def _cmd_train(args: argparse.Namespace) -> int:
     from jax_ensemble.config import load_config
-    from jax_ensemble.linearization_study import format_table, run_study, study_outputs
+    from jax_ensemble.training_stage import train_on_tasks
 
     config = load_config(args.config, args.overrides)
-    result = run_study(config)
-    json_path, png_path = study_outputs(config, result)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
+    out = args.out or config.resolved_run_dir() / "train"
+    summary = train_on_tasks(config, tasks, out)
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
         return 0
-    print(format_table(result))
-    print(f"written: {json_path}, {png_path}")
+    print(f"trained one adapter on {', '.join(summary['tasks'])}: {summary['steps']} steps "
+          f"({summary['train_examples']} train examples, {summary['train_seconds']:.0f} s"
+          f"{', stopped early' if summary['stopped_early'] else ''})")
+    for name, accuracy in summary["per_task_accuracy"].items():
+        print(f"  {name:<24} validation accuracy {accuracy:.3f}  (zero-shot {summary['zero_shot_accuracy'][name]:.3f})")
+    print(f"checkpoint: {summary['checkpoint']}")
     return 0
 
 
@@ -251,38 +221,23 @@ def build_parser() -> argparse.ArgumentParser:
     grads.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. gradients.dim=200")
     grads.set_defaults(handler=_cmd_gradients)
 
-    estimate = sub.add_parser("estimate", help="task subsets, their linearized fine-tuning estimates, task affinity")
-    estimate.add_argument("--json", action="store_true", help="print the stage's affinity.json as one JSON object")
-    config_args(estimate)
-    estimate.set_defaults(handler=_cmd_estimate)
-
-    cluster = sub.add_parser("cluster", help="group the tasks by their affinity (SDP or a baseline); heatmap PNG")
-    cluster.add_argument("--json", action="store_true", help="print one JSON object (groups, method, info)")
-    config_args(cluster)
-    cluster.set_defaults(handler=_cmd_cluster)
-
-    lin = sub.add_parser("linearization-error",
-                         help="fine-tune LoRA for several step counts and compare f with its linearization f_lin")
-    lin.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    lin.add_argument("--json", action="store_true", help="print one JSON object with a list 'settings'")
-    lin.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. linearization.steps=[5,0]")
-    lin.set_defaults(handler=_cmd_linearization_error)
-
     uq = sub.add_parser("uq", help="single adapter vs LoRA ensemble vs MC dropout: calibration and OOD detection")
     uq.add_argument("--json", action="store_true", help="print one JSON object (results: method -> metrics)")
     config_args(uq)
     uq.set_defaults(handler=_cmd_uq)
+    train = sub.add_parser("train", help="train one LoRA adapter on some tasks and evaluate it per task")
+    train.add_argument("--tasks", default=None, help="comma-separated task names or spec files (default: the suite)")
+    train.add_argument("--out", default=None, help="run directory (default: <run_dir>/train); a killed run resumes")
+    train.add_argument("--json", action="store_true",
+                       help="print one JSON object (per_task_accuracy, zero_shot_accuracy, checkpoint, ...)")
+    config_args(train)
+    train.set_defaults(handler=_cmd_train)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra:  # key=value overrides given after options (e.g. ``data show TASK -n 2 k=v``)
-        if not (hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra)):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
-        args.overrides = [*args.overrides, *extra]
+    args = build_parser().parse_args(argv)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

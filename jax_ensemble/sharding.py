@@ -161,9 +161,12 @@ def put_global(tree: Any, shardings: Any) -> Any:
     """Global arrays from host values that every process holds in full.
 
     Each process materialises only its addressable shards, so this is the one way arrays
-    enter the mesh, single- or multi-host."""
+    enter the mesh, single- or multi-host. Arrays already laid out by ``shardings`` pass
+    through unchanged."""
 
     def one(x, sharding):
+        if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+            return x
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

@@ -226,23 +226,24 @@ class TrainResult:
 
 
 class Evaluator:
-    """A jitted evaluation over a table on a mesh: ``evaluator(params, table) -> {loss, accuracy, examples}``."""
+    """A jitted evaluation of adapters on a mesh: ``evaluator(lora, table) -> {loss, accuracy, examples}``
+    (weighted means over the table's rows), the frozen base laid out once."""
 
-    def __init__(self, logits_fn, frozen: Any, params_shardings: Any, frozen_shardings: Any, mesh: Mesh, batch_size: int):
-        self.frozen = frozen
+    def __init__(self, graphdef: nnx.GraphDef, base: nnx.State, mesh: Mesh, batch_size: int, rules: Rules = DEFAULT_RULES):
         self.mesh = mesh
         self.batch_size = batch_size
-        self.step = jax.jit(
-            make_eval_step(logits_fn),
-            in_shardings=(params_shardings, frozen_shardings, None),
-            out_shardings=NamedSharding(mesh, P()),
-        )
+        self.rules = rules
+        self.base_shardings = tree_shardings(base, mesh, rules)
+        self.base = put_global(base, self.base_shardings)
+        logits_fn = lambda lora, frozen, batch: label_logits(merge_lora(graphdef, lora, frozen), batch)  # noqa: E731
+        self.step = jax.jit(make_eval_step(logits_fn), out_shardings=NamedSharding(mesh, P()))
 
-    def __call__(self, params: Any, table: Table) -> dict[str, float]:
+    def __call__(self, lora: Any, table: Table) -> dict[str, float]:
+        lora = put_global(lora, tree_shardings(lora, self.mesh, self.rules))
         totals = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
         for batch in eval_batches(table, self.batch_size):
             shardings = {k: batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
-            sums = self.step(params, self.frozen, put_global(batch, shardings))
+            sums = self.step(lora, self.base, put_global(batch, shardings))
             for k, v in jax.device_get(sums).items():
                 totals[k] += float(v)
         weight = max(totals["weight_sum"], 1e-12)
@@ -282,8 +283,8 @@ def train_adapter(
     optimizer = make_optimizer(config, steps)
     host_state = init_state(lora, optimizer)
     state_shardings = tree_shardings(host_state, mesh, rules)
-    base_shardings = tree_shardings(base, mesh, rules)
-    base = put_global(base, base_shardings)
+    evaluator = Evaluator(graphdef, base, mesh, config.eval_batch_size, rules)
+    base, base_shardings = evaluator.base, evaluator.base_shardings
     state = put_global(host_state, state_shardings)
     example = take_batch(train, np.arange(config.batch_size), config.grad_accum_steps)
     batch_shardings = {k: batch_sharding(mesh, v.ndim, leading=1) for k, v in example.items()}
@@ -291,10 +292,6 @@ def train_adapter(
         make_train_step(classification_loss(graphdef), optimizer, seed=seed, dropout=dropout),
         in_shardings=(state_shardings, base_shardings, batch_shardings),
         out_shardings=(state_shardings, NamedSharding(mesh, P())),
-    )
-    evaluator = Evaluator(
-        lambda params, frozen, batch: label_logits(merge_lora(graphdef, params, frozen), batch),
-        base, state_shardings.lora, base_shardings, mesh, config.eval_batch_size,
     )
     fingerprint = {**dict(fingerprint or {}), "training": dataclasses.asdict(config), "seed": seed, "rows": rows}
     fingerprint = json.loads(json.dumps(fingerprint))
@@ -316,6 +313,7 @@ def train_adapter(
 
     bar = tqdm(total=steps, initial=start, desc="train", unit="step", file=sys.stderr,
                disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+    schedule = learning_rate_schedule(config, steps)
     step = start
     while step < steps and not stopped(state):
         indices = batch_indices(rows, config.batch_size, seed, step)
@@ -328,7 +326,7 @@ def train_adapter(
                 f"non-finite loss or gradient at step {step} (loss {record['loss']}, grad norm "
                 f"{record['grad_norm']}); lower training.learning_rate or check the data"
             )
-        record["learning_rate"] = float(learning_rate_schedule(config, steps)(step - 1))
+        record["learning_rate"] = float(schedule(step - 1))
         if validation is not None and (step % config.eval_every == 0 or step == steps):
             state, val = _evaluate_and_track(state, evaluator, validation, state_shardings)
             record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])

@@ -3,6 +3,8 @@ and sharding tests (imported by in-process tests and by their subprocess scripts
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import numpy as np
 from flax import nnx
@@ -17,10 +19,12 @@ TINY = LlamaConfig(
 )
 
 
+@functools.cache
 def tiny_split(base_dtype: str = "int8", dropout: float = 0.0, seed: int = 0):
     """(graphdef, lora_state, base_state) of a tiny model with LoRA (rank 4) on q/k/v.
 
-    B is set to small random values so gradients with respect to A are non-zero too."""
+    B is set to small random values so gradients with respect to A are non-zero too.
+    Cached per process (building the model runs many small eager ops): never mutate."""
     model = LlamaForCausalLM(TINY, base_dtype=base_dtype, rngs=nnx.Rngs(seed))
     apply_lora(model, LoRAConfig(rank=4, alpha=8.0, dropout=dropout), jax.random.key(seed + 1))
     graphdef, lora, base = split_lora(model)

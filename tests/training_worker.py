@@ -1,0 +1,130 @@
+"""Subprocess entry points for the sharding, multi-process and kill-and-resume tests.
+
+``python training_worker.py meshes OUT``: 8 fake devices (XLA_FLAGS set by the caller).
+``python training_worker.py distributed OUT PORT PROCESS_ID``: one of two processes.
+``python training_worker.py train RUN_DIR``: a long single-device run with checkpoints.
+Each writes its results under OUT / RUN_DIR (npz adapters, JSON losses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jax_ensemble.checkpointing import flatten, load_state
+from jax_ensemble.config import MeshConfig, TrainingConfig
+from jax_ensemble.sharding import initialize_distributed, make_mesh, put_global, to_host, tree_shardings
+from jax_ensemble.training import init_state, make_optimizer, train_adapter
+from tiny_training import synthetic_table, tiny_split
+
+SHORT = TrainingConfig(learning_rate=1e-2, warmup_steps=2, max_steps=8, batch_size=16, grad_accum_steps=2,
+                       eval_every=4, checkpoint_every=4, keep_last=3, eval_batch_size=8)
+LONG = TrainingConfig(learning_rate=1e-2, warmup_steps=5, max_steps=60, batch_size=8, grad_accum_steps=2,
+                      eval_every=20, checkpoint_every=10, keep_last=2, eval_batch_size=8)
+
+
+def spawn(*args: str, devices: int) -> subprocess.Popen:
+    """Start ``training_worker.py ARGS`` with ``devices`` fake CPU devices. The workers
+    share a persistent XLA compilation cache (they compile the same small programs)."""
+    env = dict(
+        os.environ,
+        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        JAX_PLATFORMS="cpu",
+        JAX_COMPILATION_CACHE_DIR=str(Path(tempfile.gettempdir()) / "jax-ensemble-test-xla-cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+        JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+    )
+    return subprocess.Popen([sys.executable, __file__, *args], cwd=Path(__file__).parent, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run(config: TrainingConfig, mesh, run_dir=None, dropout: float = 0.0):
+    graphdef, lora, base = tiny_split(dropout=dropout)
+    return train_adapter(graphdef, lora, base, synthetic_table(48), synthetic_table(16, seed=1), config, mesh,
+                         seed=0, dropout=dropout > 0, run_dir=run_dir, progress=False)
+
+
+def save_adapter(path: Path, lora) -> None:
+    """Gather ``lora`` (a collective: every process calls it); process 0 writes the npz."""
+    host = to_host(lora)
+    if jax.process_index() == 0:
+        np.savez(path, **flatten(host))
+
+
+def meshes(out: Path) -> None:
+    """Loss curves on 1 device and on a 2x2x2 mesh; a checkpoint saved under one mesh
+    restored under others (exactly) and resumed under another (to the same adapter)."""
+    one = make_mesh(MeshConfig(data=1), devices=jax.devices()[:1])
+    report = {}
+    for name, mesh_config in [("1", None), ("2x2x2", MeshConfig(data=2, fsdp=2, tensor=2))]:
+        mesh = one if mesh_config is None else make_mesh(mesh_config)
+        result = run(SHORT, mesh, run_dir=out / name)
+        report[name] = [r["loss"] for r in result.history]
+        save_adapter(out / f"{name}.npz", result.lora)
+    # shard shapes of the int8 base and the LoRA state under the 2x2x2 mesh
+    mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2))
+    graphdef, lora, base = tiny_split()
+    placed = put_global(base, tree_shardings(base, mesh))
+    state = init_state(lora, make_optimizer(SHORT, 8))
+    placed_state = put_global(state, tree_shardings(state, mesh))
+    report["shards"] = {
+        name: list(x.addressable_shards[0].data.shape)
+        for name, x in {**flatten(placed), **flatten(placed_state)}.items()
+        if name in ("layers.self_attn.q_proj.kernel", "layers.self_attn.q_proj.scale", "embed_tokens.embedding",
+                    "lora.layers.self_attn.q_proj.lora_a", "lora.layers.self_attn.q_proj.lora_b",
+                    "opt_state.1.0.mu.layers.self_attn.q_proj.lora_a")
+    }
+    report["spec"] = str(flatten(placed)["layers.self_attn.q_proj.kernel"].sharding.spec)
+    # restore the 2x2x2 run's step-4 checkpoint under 1 device and under 8x1x1, exactly
+    template = init_state(lora, make_optimizer(SHORT, 8))
+    restored = {}
+    for name, target in [("1", one), ("8x1x1", make_mesh(MeshConfig(data=8)))]:
+        state, step = load_state(out / "2x2x2" / "checkpoints", template, tree_shardings(template, target), step=4)
+        restored[name] = flatten(to_host(state))
+        assert step == 4
+    report["restore_exact"] = all(
+        np.array_equal(restored["1"][k], restored["8x1x1"][k]) for k in restored["1"]
+    )
+    # resume the 2x2x2 run from step 4 under the 4x2x1 mesh ... and under 1 device
+    for name, target in [("resumed_4x2x1", make_mesh(MeshConfig(data=4, fsdp=2))), ("resumed_1", one)]:
+        shutil.copytree(out / "2x2x2", out / name)
+        shutil.rmtree(out / name / "checkpoints" / "8")
+        result = run(SHORT, target, run_dir=out / name)
+        report[name] = [r["loss"] for r in result.history]
+        save_adapter(out / f"{name}.npz", result.lora)
+    (out / "report.json").write_text(json.dumps(report))
+
+
+def distributed(out: Path, port: int, process_id: int) -> None:
+    """One of two processes (2 devices each) training on a 2x2x1 mesh spanning both."""
+    mesh_config = MeshConfig(data=2, fsdp=2, coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                             process_id=process_id)
+    initialize_distributed(mesh_config)
+    assert jax.process_count() == 2 and len(jax.devices()) == 4
+    result = run(SHORT, make_mesh(mesh_config), run_dir=out / "run")
+    save_adapter(out / "distributed.npz", result.lora)
+    if process_id == 0:
+        (out / "distributed.json").write_text(json.dumps([r["loss"] for r in result.history]))
+
+
+def train(run_dir: Path) -> None:
+    """A long run with LoRA dropout; writes final.npz when it completes."""
+    result = run(LONG, make_mesh(MeshConfig(data=1)), run_dir=run_dir, dropout=0.1)
+    save_adapter(run_dir / "final.npz", result.lora)
+
+
+if __name__ == "__main__":
+    mode, target = sys.argv[1], Path(sys.argv[2])
+    if mode == "meshes":
+        meshes(target)
+    elif mode == "distributed":
+        distributed(target, int(sys.argv[3]), int(sys.argv[4]))
+    else:
+        train(target)
