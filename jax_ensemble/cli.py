@@ -131,6 +131,41 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_estimate(args: argparse.Namespace) -> int:
+    from jax_ensemble.affinity_stage import affinity_stage
+    from jax_ensemble.config import load_config
+
+    directory = affinity_stage(load_config(args.config, args.overrides))
+    stage = json.loads((directory / "affinity.json").read_text())
+    if args.json:
+        print(json.dumps({"directory": str(directory), **stage}))
+        return 0
+    print(f"affinity: {len(stage['subsets'])} subsets of {len(stage['subsets'][0])} / {len(stage['tasks'])} tasks "
+          f"(pair coverage {stage['pair_coverage']:.0%}), {stage['rows']} rows, d = {stage['dim']}, "
+          f"{stage['solver']}: {stage['converged']}/{len(stage['subsets'])} converged in <= {stage['max_iterations']} "
+          f"iterations, {stage['estimate_seconds']:.2f} s")
+    print(f"directory: {directory}")
+    return 0
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from jax_ensemble.affinity_stage import grouping_stage
+    from jax_ensemble.config import load_config
+
+    summary = grouping_stage(load_config(args.config, args.overrides))
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    info = summary["info"]
+    print(f"{summary['method']}: {summary['num_groups']} groups"
+          + (f" (m from {info['num_groups_from']})" if "num_groups_from" in info else "")
+          + (f", SDP {info['status']} in {info['solve_seconds']:.2f} s ({info['solver']})" if "status" in info else ""))
+    for k, group in enumerate(summary["groups"]):
+        print(f"  group {k}: {', '.join(group)}")
+    print(f"heatmap: {summary['heatmap']}")
+    return 0
+
+
 def _cmd_uq(args: argparse.Namespace) -> int:
     from jax_ensemble.uq import run_uq
 
@@ -145,6 +180,21 @@ def _cmd_uq(args: argparse.Namespace) -> int:
         print(f"  {name:<12} {r['accuracy']:>9.3f} {r['ece']:>7.3f} {r['nll']:>7.3f} {r['brier']:>7.3f} "
               f"{r['ood_auroc']:>10.3f}")
     print(f"reliability diagrams: {summary['reliability_png']}")
+    return 0
+
+
+def _cmd_linearization_error(args: argparse.Namespace) -> int:
+    from jax_ensemble.config import load_config
+    from jax_ensemble.linearization_study import format_table, run_study, study_outputs
+
+    config = load_config(args.config, args.overrides)
+    result = run_study(config)
+    json_path, png_path = study_outputs(config, result)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(format_table(result))
+    print(f"written: {json_path}, {png_path}")
     return 0
 
 
@@ -221,6 +271,23 @@ def build_parser() -> argparse.ArgumentParser:
     grads.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. gradients.dim=200")
     grads.set_defaults(handler=_cmd_gradients)
 
+    estimate = sub.add_parser("estimate", help="task subsets, their linearized fine-tuning estimates, task affinity")
+    estimate.add_argument("--json", action="store_true", help="print the stage's affinity.json as one JSON object")
+    config_args(estimate)
+    estimate.set_defaults(handler=_cmd_estimate)
+
+    cluster = sub.add_parser("cluster", help="group the tasks by their affinity (SDP or a baseline); heatmap PNG")
+    cluster.add_argument("--json", action="store_true", help="print one JSON object (groups, method, info)")
+    config_args(cluster)
+    cluster.set_defaults(handler=_cmd_cluster)
+
+    lin = sub.add_parser("linearization-error",
+                         help="fine-tune LoRA for several step counts and compare f with its linearization f_lin")
+    lin.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
+    lin.add_argument("--json", action="store_true", help="print one JSON object with a list 'settings'")
+    lin.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. linearization.steps=[5,0]")
+    lin.set_defaults(handler=_cmd_linearization_error)
+
     uq = sub.add_parser("uq", help="single adapter vs LoRA ensemble vs MC dropout: calibration and OOD detection")
     uq.add_argument("--json", action="store_true", help="print one JSON object (results: method -> metrics)")
     config_args(uq)
@@ -237,7 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # key=value overrides given after options (e.g. ``data show TASK -n 2 k=v``)
+        if not (hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)
