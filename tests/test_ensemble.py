@@ -1,0 +1,225 @@
+"""Grouped ensemble: stacked inference = adapter by adapter, convex weights = scipy SLSQP,
+ridge = sklearn, boosting lowers the training loss of a weak ensemble (tiny random model)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from scipy.optimize import minimize
+from sklearn.linear_model import Ridge
+
+from tiny_training import TINY, synthetic_table
+from jax_ensemble.classification import NO_CHOICE_LOGIT
+from jax_ensemble.config import LoRAConfig, TrainingConfig
+from jax_ensemble.ensemble import (
+    add_booster, boost_trained, boosting_loss, boosting_offsets, closed_form_step, ensemble_logits,
+    ensemble_loss, ensemble_table_logits, fit_convex_weights, fit_ensemble_weights, group_losses,
+    lifted_adapter, linear_boost, logit_features, make_ensemble, ridge_fit, stacked_label_logits,
+    stacked_table_logits,
+)
+from jax_ensemble.errors import DataError
+from jax_ensemble.gradients import batch_gradients, lora_feature_split
+from jax_ensemble.lora_ensembles import init_member_adapters, member_logits_fn, stack_trees, unstack_tree
+from jax_ensemble.models import LlamaForCausalLM
+from jax_ensemble.projection import make_projector
+
+
+@functools.cache
+def adapters(count: int = 3):
+    """(graphdef, stacked adapters (count, …) with random B, a fresh adapter (B = 0), base)."""
+    model = LlamaForCausalLM(TINY, base_dtype="int8", rngs=nnx.Rngs(0))
+    graphdef, fresh, base = init_member_adapters(model, LoRAConfig(rank=2, alpha=4.0), list(range(count + 1)))
+    leaves, treedef = jax.tree.flatten(fresh)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    noisy = jax.tree.unflatten(treedef, [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+    members = jax.tree.map(lambda x: x[1:], noisy)
+    return graphdef, members, unstack_tree(fresh)[0], base
+
+
+def two_task_table(rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Synthetic rows of two tasks: task 0 binary (third choice padded), task 1 three-way."""
+    table = synthetic_table(rows, seed=seed, num_classes=3)
+    task = (np.arange(rows) % 2).astype(np.int32)
+    table["label"] = np.where(task == 0, table["label"] % 2, table["label"]).astype(np.int32)
+    table["label_token_ids"] = np.where((task[:, None] == 0) & (np.arange(3) == 2), -1, table["label_token_ids"])
+    table["task_index"] = task
+    return table
+
+
+def test_stacked_logits_equal_adapter_by_adapter():
+    graphdef, members, _, base = adapters()
+    table = two_task_table(7)
+    batch = {k: jnp.asarray(v) for k, v in table.items()}
+    stacked = np.asarray(stacked_label_logits(graphdef, members, base, batch))
+    one = member_logits_fn(graphdef)
+    alone = np.stack([np.asarray(one(lora, base, batch, None)) for lora in unstack_tree(members)])
+    assert stacked.shape == (3, 7, 3)
+    np.testing.assert_allclose(stacked, alone, rtol=1e-5, atol=1e-5)
+    assert np.all(stacked[:, table["task_index"] == 0, 2] == NO_CHOICE_LOGIT)
+    assert not np.allclose(stacked[0], stacked[1])
+    np.testing.assert_allclose(stacked_table_logits(graphdef, members, base, table, batch_size=3), stacked,
+                               rtol=1e-5, atol=1e-5)
+
+
+def _slsqp_loss(logits, labels, weights):
+    """Reference objective in float64 numpy, padded choices masked out."""
+    valid = logits[0] > NO_CHOICE_LOGIT / 2
+    w = weights / weights.sum()
+
+    def loss(alpha):
+        z = np.where(valid, np.einsum("m,mnk->nk", alpha, np.where(valid, logits, 0.0)), -np.inf)
+        top = z.max(axis=1)
+        lse = top + np.log(np.exp(z - top[:, None]).sum(axis=1))
+        return float(np.sum(w * (lse - z[np.arange(len(labels)), labels])))
+
+    return loss
+
+
+def test_convex_weights_match_scipy_slsqp():
+    rng = np.random.default_rng(0)
+    m, n, k = 4, 60, 3
+    logits = rng.normal(size=(m, n, k)) * np.array([1.0, 2.0, 0.5, 3.0])[:, None, None]
+    labels = rng.integers(0, k, size=n)
+    padded = (np.arange(n) % 3 == 0)
+    labels = np.where(padded, labels % 2, labels)
+    logits[:, padded, 2] = NO_CHOICE_LOGIT
+    logits[1] += 1.5 * np.eye(k)[labels]  # member 1 carries signal, the others mostly noise
+    weights = rng.uniform(0.5, 2.0, size=n)
+    weights[:5] = 0.0
+    alpha = fit_convex_weights(logits, labels, weights)
+    assert alpha.shape == (m,) and np.all(alpha >= 0) and alpha.sum() == pytest.approx(1.0, abs=1e-9)
+    reference = _slsqp_loss(logits, labels, weights)
+    result = minimize(reference, np.full(m, 1 / m), method="SLSQP", bounds=[(0, 1)] * m,
+                      constraints=[{"type": "eq", "fun": lambda a: a.sum() - 1}], options={"ftol": 1e-12})
+    assert result.success
+    assert reference(alpha) == pytest.approx(result.fun, abs=1e-5)
+    assert ensemble_loss(alpha, logits, labels, weights) == pytest.approx(reference(alpha), abs=1e-5)
+    for member in np.eye(m):  # a vertex is feasible: the fit is at least as good as every member
+        assert reference(alpha) <= reference(member) + 1e-6
+
+
+def test_per_task_weights_pick_the_planted_member():
+    rng = np.random.default_rng(1)
+    n, k = 80, 2
+    labels = rng.integers(0, k, size=n)
+    task = (np.arange(n) % 2).astype(np.int32)
+    logits = rng.normal(size=(3, n, k))
+    onehot = np.eye(k)[labels]
+    logits[0, task == 0] += 4 * onehot[task == 0]  # member 0 knows task 0, member 2 knows task 1
+    logits[2, task == 1] += 4 * onehot[task == 1]
+    weights = np.ones(n)
+    alpha = fit_ensemble_weights(logits, labels, weights, task, 2)
+    assert alpha.shape == (2, 3)
+    assert alpha[0, 0] > 0.9 and alpha[1, 2] > 0.9
+    glob = fit_ensemble_weights(logits, labels, weights, task, 2, per_task=False)
+    np.testing.assert_allclose(glob[0], glob[1])
+    assert glob[0, 1] < 0.05
+    with pytest.raises(DataError, match="task 1 has no validation rows"):
+        fit_ensemble_weights(logits, labels, np.where(task == 1, 0.0, 1.0), task, 2)
+
+
+def test_ridge_matches_sklearn():
+    rng = np.random.default_rng(2)
+    n, k, d, l2 = 50, 3, 6, 0.7
+    features = rng.normal(size=(n, k, d)).astype(np.float32)
+    targets = rng.normal(size=(n, k)).astype(np.float32)
+    weights = rng.uniform(0, 2, size=n).astype(np.float32)
+    w = np.asarray(ridge_fit(jnp.asarray(features), jnp.asarray(targets), jnp.asarray(weights), l2))
+    reference = Ridge(alpha=l2, fit_intercept=False, solver="cholesky").fit(
+        features.reshape(n * k, d), targets.reshape(-1), sample_weight=np.repeat(weights, k))
+    np.testing.assert_allclose(w, reference.coef_, rtol=1e-4, atol=1e-5)
+
+
+def test_log_odds_features_give_the_same_probabilities_as_logit_gradients():
+    rng = np.random.default_rng(3)
+    n, d = 20, 5
+    per_class = rng.normal(size=(n, 2, d))  # ∇z_0, ∇z_1
+    labels = rng.integers(0, 2, size=n)
+    log_odds = per_class[np.arange(n), labels] - per_class[np.arange(n), 1 - labels]
+    z0, w = rng.normal(size=(n, 2)), rng.normal(size=d)
+    exact = jax.nn.softmax(z0 + per_class @ w)
+    derived = jax.nn.softmax(z0 + logit_features(log_odds, labels) @ w)
+    np.testing.assert_allclose(derived, exact, rtol=1e-5, atol=1e-6)
+
+
+def test_ensemble_logits_closed_form():
+    graphdef, members, fresh, base = adapters()
+    table = two_task_table(6, seed=4)
+    batch = {k: jnp.asarray(v) for k, v in table.items()}
+    alpha = np.array([[0.2, 0.5, 0.3], [0.0, 0.1, 0.9]])
+    booster = unstack_tree(members)[0]
+    ens = add_booster(make_ensemble(members, alpha), booster, np.array([0.25, 0.0]))
+    one = member_logits_fn(graphdef)
+    z = [np.asarray(one(lora, base, batch, None), np.float64) for lora in unstack_tree(members)]
+    z_base = np.asarray(one(jax.tree.map(jnp.zeros_like, fresh), base, batch, None), np.float64)
+    t = table["task_index"]
+    expected = sum(alpha[t, m][:, None] * z[m] for m in range(3))
+    expected = expected + np.array([0.25, 0.0])[t][:, None] * (z[0] - z_base)
+    got = np.asarray(ensemble_logits(graphdef, ens, base, batch))
+    valid = table["label_token_ids"] >= 0
+    np.testing.assert_allclose(got[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    assert np.all(got[~valid] < NO_CHOICE_LOGIT / 2)
+    np.testing.assert_allclose(ensemble_table_logits(graphdef, ens, base, table, batch_size=4), got, rtol=1e-5,
+                               atol=1e-4)
+
+
+def _train_loss(logits, table):
+    return ensemble_loss(np.ones(1), logits[None], table["label"], table["weight"])
+
+
+def test_trained_boosting_lowers_the_training_loss_of_a_weak_ensemble():
+    graphdef, members, fresh, base = adapters()
+    train = two_task_table(32, seed=5)
+    weak = make_ensemble(jax.tree.map(lambda x: x[:1], members), np.ones((2, 1)))
+    before = ensemble_table_logits(graphdef, weak, base, train, batch_size=16)
+    groups = [[0], [1]]
+    losses = group_losses(before, train["label"], train["weight"], train["task_index"], groups)
+    # at B = 0 the boosting adapter reproduces the ensemble: its loss is CE(F)
+    z_base = stacked_table_logits(graphdef, stack_trees([fresh]), base, train, batch_size=16)[0]
+    batch = {**{k: jnp.asarray(v) for k, v in train.items()}, "offset_logits": boosting_offsets(before, z_base)}
+    total, weight = boosting_loss(graphdef)(fresh, base, batch, None)
+    assert float(total / weight) == pytest.approx(_train_loss(before, train), rel=1e-4)
+    config = TrainingConfig(learning_rate=2e-2, warmup_steps=0, max_steps=12, batch_size=8, max_grad_norm=1.0,
+                            weight_decay=0.0)
+    boosted, chosen = boost_trained(graphdef, weak, fresh, base, train, groups, config, steps=1, step_size=0.5,
+                                    batch_size=16, progress=False)
+    assert chosen == [int(np.argmax(losses))]
+    after = ensemble_table_logits(graphdef, boosted, base, train, batch_size=16)
+    rows = train["task_index"] == chosen[0]
+    other = {k: v[~rows] for k, v in train.items()}
+    assert _train_loss(after[rows], {k: v[rows] for k, v in train.items()}) < losses[chosen[0]] - 1e-3
+    np.testing.assert_allclose(after[~rows], before[~rows], rtol=1e-5, atol=1e-5)  # η = 0 off the group
+    assert _train_loss(after, train) < _train_loss(before, train)
+    assert _train_loss(after[~rows], other) == pytest.approx(_train_loss(before[~rows], other), rel=1e-5)
+
+
+def test_closed_form_boosting_lowers_the_training_loss_of_a_weak_ensemble():
+    graphdef, members, fresh, base = adapters()
+    train = synthetic_table(24, seed=6)
+    train["task_index"] = np.zeros(24, np.int32)
+    weak = make_ensemble(jax.tree.map(lambda x: x[:1], members), np.ones((1, 1)))
+    before = ensemble_table_logits(graphdef, weak, base, train, batch_size=24)
+    features, fixed, space = lora_feature_split(fresh)
+    assert space == "lora_b"
+    projector = make_projector(features, 16, seed=3)
+    batch = {k: jnp.asarray(v) for k, v in train.items()}
+    _, grads = batch_gradients(features, fixed, base, batch, graphdef=graphdef, projector=projector,
+                               strategy="reverse")
+    g = logit_features(np.asarray(grads), train["label"])
+    group, w = closed_form_step(g, before, train["label"], train["weight"], train["task_index"], [[0]], l2=1.0)
+    assert group == 0 and w.shape == (16,)
+    linear = linear_boost(before, g, w, step_size=0.2)
+    assert _train_loss(linear, train) < _train_loss(before, train) - 1e-4
+    booster = lifted_adapter(projector, w, fresh)
+    boosted = add_booster(weak, booster, np.array([0.2]))
+    network = ensemble_table_logits(graphdef, boosted, base, train, batch_size=24)
+    assert _train_loss(network, train) < _train_loss(before, train) - 1e-4
+    # the network's step follows its linearization: centred increments (what softmax sees) align
+    moved, predicted = network - before, linear - before
+    moved, predicted = moved - moved.mean(1, keepdims=True), predicted - predicted.mean(1, keepdims=True)
+    assert np.sum(moved * predicted) / (np.linalg.norm(moved) * np.linalg.norm(predicted)) > 0.7
