@@ -16,15 +16,18 @@ one shared frozen (int8) base; B (or N) rows; K label choices (padded choices ca
   the group with the highest training loss (:func:`group_losses`) gets a new learner h,
   added as F ← F + η (z_h − z_base) on that group's tasks (η = 0.2, the official default).
 
+  :func:`boost` runs the rounds with a learner:
+
   * trained (:func:`boost_trained`): h is a fresh adapter (B = 0, so it starts at the
     base model) trained on the group's rows with loss CE(F(x) + z_h(x) − z_base(x), y)
     (:func:`boosting_loss`, the offset F − z_base comes with the batch as
     ``offset_logits``), i.e. h fits the functional gradient of the ensemble loss;
-  * closed form (:func:`closed_form_step`): ridge regression of the residual
-    r_i = onehot(y_i) − softmax(F(x_i)) on the projected label-logit gradients G_i (K, d),
+  * closed form (:func:`boost_closed_form`; one array-level round: :func:`closed_form_step`):
+    ridge regression of the residual r_i = onehot(y_i) − softmax(F(x_i)) on the projected label-logit gradients G_i (K, d),
     w = (Σ_i w_i G_iᵀG_i + λI)⁻¹ Σ_i w_i G_iᵀ r_i; predict linearly F + η G w
     (:func:`linear_boost`) or map back to an adapter θ0 + P w (:func:`lifted_adapter`)
-    and run the network.
+    and run the network. λ belongs on the scale of Σ_i w_i‖G_i‖²/d: too small a λ lets
+    P·w leave the region where the network follows its linearization.
 - :class:`Ensemble` + :func:`ensemble_logits`: members, α, boosting adapters and their
   per-task step sizes, evaluated in one jitted call.
 """
@@ -42,7 +45,7 @@ from flax import nnx
 
 from jax_ensemble.classification import NO_CHOICE_LOGIT, Batch, lora_label_logits_fn
 from jax_ensemble.config import TrainingConfig
-from jax_ensemble.errors import DataError, SolverError
+from jax_ensemble.errors import ConfigError, DataError, SolverError
 from jax_ensemble.gradients import lora_feature_split
 from jax_ensemble.lora_ensembles import stack_trees, train_members, unstack_tree
 from jax_ensemble.projection import Projector, lift
@@ -253,17 +256,18 @@ def boosting_offsets(logits: np.ndarray, base_logits: np.ndarray) -> np.ndarray:
     return np.where(base_logits > NO_CHOICE_LOGIT / 2, logits - base_logits, 0.0).astype(np.float32)
 
 
-def boost_trained(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: Any, base: nnx.State, train: Table,
-                  groups: Sequence[Sequence[int]], config: TrainingConfig, *, steps: int = 1,
-                  step_size: float = DEFAULT_STEP_SIZE, seed: int = 0, batch_size: int = 32,
-                  progress: bool = True) -> tuple[Ensemble, list[int]]:
-    """``steps`` trained boosting rounds on the training table (needs ``task_index``).
+Learner = Callable[[int, np.ndarray, np.ndarray, np.ndarray], Any]
+"""``learner(round, rows, F, z_base) -> adapter``: a boosting learner for the rows ``rows``
+(bool (N,)) of the training table given the ensemble logits F and base logits z_base (N, K)."""
 
-    Each round picks the group with the highest training loss under the current ensemble,
-    trains ``init_lora`` (a fresh adapter, B = 0) on its rows with :func:`boosting_loss`
-    (``lora_ensembles.train_members`` with ``config``, data order and seed ``seed + round``)
-    and adds it with η = ``step_size`` on the group's tasks. Returns the boosted ensemble
-    and the group chosen in each round."""
+
+def boost(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, train: Table, groups: Sequence[Sequence[int]],
+          learner: Learner, *, steps: int, step_size: float = DEFAULT_STEP_SIZE,
+          batch_size: int = 32) -> tuple[Ensemble, list[int]]:
+    """``steps`` boosting rounds on the training table (needs ``task_index``): each picks the
+    group g with the highest training loss under the current ensemble (:func:`group_losses`),
+    gets an adapter from ``learner`` for g's rows and adds it with η = ``step_size`` on g's
+    tasks. Returns the boosted ensemble and the group chosen in each round."""
     num_tasks = ensemble.weights.shape[0]
     current = ensemble_table_logits(graphdef, ensemble, base, train, batch_size)
     base_logits = stacked_table_logits(graphdef, stack_trees([zero_adapter(ensemble.members)]), base, train,
@@ -272,17 +276,60 @@ def boost_trained(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: Any, ba
     for r in range(steps):
         g = int(np.argmax(group_losses(current, train["label"], train["weight"], train["task_index"], groups)))
         rows = np.isin(train["task_index"], groups[g]) & (train["weight"] > 0)
-        table = {k: v[rows] for k, v in train.items()}
-        table["offset_logits"] = boosting_offsets(current[rows], base_logits[rows])
-        trained = train_members(boosting_loss(graphdef), stack_trees([init_lora]), base, table, config,
-                                seeds=[seed + r], progress=progress, desc=f"boost {r + 1}/{steps}")
+        lora = learner(r, rows, current, base_logits)
         etas = group_step_sizes(groups[g], num_tasks, step_size)
-        ensemble = add_booster(ensemble, unstack_tree(trained)[0], etas)
-        booster = stacked_table_logits(graphdef, trained, base, train, batch_size)
+        ensemble = add_booster(ensemble, lora, etas)
+        booster = stacked_table_logits(graphdef, stack_trees([lora]), base, train, batch_size)
         current = np.asarray(boosted_logits(jnp.asarray(current), jnp.asarray(booster), jnp.asarray(base_logits),
                                             jnp.asarray(etas)[None], jnp.asarray(train["task_index"])))
         chosen.append(g)
     return ensemble, chosen
+
+
+def _check_fresh(init_lora: nnx.State) -> None:
+    if lora_feature_split(init_lora)[2] != "lora_b":
+        raise ConfigError("boosting needs a fresh adapter (every lora_b zero) so that it starts at the base model")
+
+
+def boost_trained(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.State, base: nnx.State, train: Table,
+                  groups: Sequence[Sequence[int]], config: TrainingConfig, *, steps: int = 1,
+                  step_size: float = DEFAULT_STEP_SIZE, seed: int = 0, batch_size: int = 32,
+                  progress: bool = True) -> tuple[Ensemble, list[int]]:
+    """Trained boosting (:func:`boost`): each round trains ``init_lora`` (a fresh adapter,
+    B = 0) on the chosen group's rows with :func:`boosting_loss`
+    (``lora_ensembles.train_members`` with ``config``; data order and seed ``seed + round``)."""
+    _check_fresh(init_lora)
+
+    def learner(r: int, rows: np.ndarray, current: np.ndarray, base_logits: np.ndarray) -> Any:
+        table = {k: v[rows] for k, v in train.items()}
+        table["offset_logits"] = boosting_offsets(current[rows], base_logits[rows])
+        trained = train_members(boosting_loss(graphdef), stack_trees([init_lora]), base, table, config,
+                                seeds=[seed + r], progress=progress, desc=f"boost {r + 1}/{steps}")
+        return unstack_tree(trained)[0]
+
+    return boost(graphdef, ensemble, base, train, groups, learner, steps=steps, step_size=step_size,
+                 batch_size=batch_size)
+
+
+def boost_closed_form(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.State, base: nnx.State,
+                      train: Table, features: np.ndarray, projector: Projector, groups: Sequence[Sequence[int]], *,
+                      steps: int = 1, step_size: float = DEFAULT_STEP_SIZE, l2: float = 1.0,
+                      batch_size: int = 32) -> tuple[Ensemble, list[int]]:
+    """Closed-form boosting in weight space (:func:`boost`): each round fits w by
+    :func:`ridge_fit` of the residual onehot(y) − softmax(F) on ``features`` G (N, K, d) (the
+    train rows' projected label-logit gradients at ``init_lora`` = θ0, see
+    :func:`logit_features`) over the chosen group's rows, and adds the adapter θ0 + P·w
+    (:func:`lifted_adapter`) run through the network."""
+    _check_fresh(init_lora)
+    g = jnp.asarray(features)
+
+    def learner(r: int, rows: np.ndarray, current: np.ndarray, base_logits: np.ndarray) -> Any:
+        weights = jnp.asarray(np.where(rows, train["weight"], 0.0))
+        w = ridge_fit(g, residuals(jnp.asarray(current), jnp.asarray(train["label"])), weights, l2)
+        return lifted_adapter(projector, w, init_lora)
+
+    return boost(graphdef, ensemble, base, train, groups, learner, steps=steps, step_size=step_size,
+                 batch_size=batch_size)
 
 
 def residuals(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -315,7 +362,7 @@ def logit_features(grads: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 
 def closed_form_step(features: np.ndarray, logits: np.ndarray, labels: np.ndarray, weights: np.ndarray,
-                     task_index: np.ndarray, groups: Sequence[Sequence[int]], *, l2: float = 1e-3) -> tuple[int, np.ndarray]:
+                     task_index: np.ndarray, groups: Sequence[Sequence[int]], *, l2: float = 1.0) -> tuple[int, np.ndarray]:
     """One closed-form boosting round: (g, w) with g the group of highest training loss under
     the ensemble logits F (n, K) and w (d,) the ridge fit of the residual onehot(y) − softmax(F)
     on ``features`` G (n, K, d) over group g's rows."""

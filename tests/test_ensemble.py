@@ -17,12 +17,12 @@ from tiny_training import TINY, synthetic_table
 from jax_ensemble.classification import NO_CHOICE_LOGIT
 from jax_ensemble.config import LoRAConfig, TrainingConfig
 from jax_ensemble.ensemble import (
-    add_booster, boost_trained, boosting_loss, boosting_offsets, closed_form_step, ensemble_logits,
+    add_booster, boost_closed_form, boost_trained, boosting_loss, boosting_offsets, closed_form_step, ensemble_logits,
     ensemble_loss, ensemble_table_logits, fit_convex_weights, fit_ensemble_weights, group_losses,
     lifted_adapter, linear_boost, logit_features, make_ensemble, ridge_fit, stacked_label_logits,
     stacked_table_logits,
 )
-from jax_ensemble.errors import DataError
+from jax_ensemble.errors import ConfigError, DataError
 from jax_ensemble.gradients import batch_gradients, lora_feature_split
 from jax_ensemble.lora_ensembles import init_member_adapters, member_logits_fn, stack_trees, unstack_tree
 from jax_ensemble.models import LlamaForCausalLM
@@ -184,6 +184,8 @@ def test_trained_boosting_lowers_the_training_loss_of_a_weak_ensemble():
     batch = {**{k: jnp.asarray(v) for k, v in train.items()}, "offset_logits": boosting_offsets(before, z_base)}
     total, weight = boosting_loss(graphdef)(fresh, base, batch, None)
     assert float(total / weight) == pytest.approx(_train_loss(before, train), rel=1e-4)
+    with pytest.raises(ConfigError, match="fresh adapter"):
+        boost_trained(graphdef, weak, unstack_tree(members)[0], base, train, groups, TrainingConfig(), progress=False)
     config = TrainingConfig(learning_rate=2e-2, warmup_steps=0, max_steps=12, batch_size=8, max_grad_norm=1.0,
                             weight_decay=0.0)
     boosted, chosen = boost_trained(graphdef, weak, fresh, base, train, groups, config, steps=1, step_size=0.5,
@@ -215,8 +217,12 @@ def test_closed_form_boosting_lowers_the_training_loss_of_a_weak_ensemble():
     assert group == 0 and w.shape == (16,)
     linear = linear_boost(before, g, w, step_size=0.2)
     assert _train_loss(linear, train) < _train_loss(before, train) - 1e-4
-    booster = lifted_adapter(projector, w, fresh)
-    boosted = add_booster(weak, booster, np.array([0.2]))
+    boosted, chosen = boost_closed_form(graphdef, weak, fresh, base, train, g, projector, [[0]], steps=1,
+                                        step_size=0.2, l2=1.0, batch_size=24)
+    assert chosen == [0]
+    lifted = lifted_adapter(projector, w, fresh)
+    for a, b in zip(jax.tree.leaves(lifted), jax.tree.leaves(unstack_tree(boosted.boosters)[0])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
     network = ensemble_table_logits(graphdef, boosted, base, train, batch_size=24)
     assert _train_loss(network, train) < _train_loss(before, train) - 1e-4
     # the network's step follows its linearization: centred increments (what softmax sees) align
