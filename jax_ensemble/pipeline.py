@@ -1,34 +1,54 @@
 """The main job, stage by stage, each writing its result atomically under the run directory.
 
-Stages that exist now: ``model`` (load the pretrained model with its int8/bf16/f32 base,
-attach LoRA, count parameters and bytes, check that the adapted model at B = 0 gives the
-base model's logits, and greedy-complete the config's sanity prompt). Later stages
-(gradients → affinity → grouping → training → ensemble → report) are listed as pending.
+1. ``model``: load the model (int8/bf16/f32 base), attach LoRA, check that B = 0 leaves
+   the logits unchanged, greedy-complete the sanity prompt (``model.json``);
+2. ``grouping``: projected gradients → subset estimates → affinity → SDP groups
+   (:mod:`jax_ensemble.gradient_stage`, :mod:`jax_ensemble.affinity_stage`; cached);
+3. ``training``: one adapter per group, the same number of random groups, and one adapter
+   on all tasks (the single-adapter baseline), each with orbax checkpoints under
+   ``adapters/<name>/`` (a finished adapter is restored, a killed one resumes);
+4. ``ensemble``: convex weights per task on validation logits, then boosting rounds;
+5. ``evaluation``: per-task test accuracy of zero-shot, single adapter, random groups and
+   the boosted ensemble, analytical FLOPs per stage, peak memory;
+6. ``report``: ``metrics.json`` (written last), ``report.md``, ``affinity.png``,
+   ``accuracy.png``, and every adapter exported in PEFT format under ``peft/<name>/``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+import datasets
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from jax_ensemble.config import Config, config_hash, config_to_dict
+from jax_ensemble import accounting, clustering, ensemble as ens
+from jax_ensemble.affinity_stage import grouping_stage
+from jax_ensemble.config import Config, MeshConfig, config_hash, config_to_dict
 from jax_ensemble.generate import greedy_generate
-from jax_ensemble.lora import apply_lora, count_parameters
+from jax_ensemble.lora import apply_lora, count_parameters, split_lora
+from jax_ensemble.lora_ensembles import stack_trees
 from jax_ensemble.models.loading import load_pretrained
+from jax_ensemble.peft_export import export_peft_adapter
+from jax_ensemble.report import write_report
+from jax_ensemble.sharding import make_mesh, to_host
 from jax_ensemble.storage import atomic_write_json
+from jax_ensemble.tasks import load_suite, tokenize_split
+from jax_ensemble.tasks.tables import Table, training_table
+from jax_ensemble.training import total_steps, train_adapter
 
-PENDING_STAGES = ("gradients", "affinity", "grouping", "training", "ensemble", "report")
+STAGES = 6
 
 
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+def _log(step: int, message: str) -> None:
+    print(f"[{step}/{STAGES}] {message}", file=sys.stderr, flush=True)
 
 
 def model_stage(config: Config) -> dict[str, Any]:
@@ -57,22 +77,190 @@ def model_stage(config: Config) -> dict[str, Any]:
     }
 
 
+def rows_of(table: Table, task_ids: Sequence[int]) -> Table:
+    """The rows of ``table`` whose ``task_index`` is in ``task_ids``."""
+    keep = np.isin(table["task_index"], task_ids)
+    return {k: v[keep] for k, v in table.items()}
+
+
+def per_task_accuracy(logits: np.ndarray, table: Table, names: Sequence[str]) -> dict[str, float]:
+    """task name → accuracy of argmax ``logits`` (N, K) on the table's rows of that task."""
+    hits = np.argmax(logits, axis=-1) == table["label"]
+    return {name: float(hits[table["task_index"] == t].mean()) for t, name in enumerate(names)}
+
+
+def train_named_adapters(config: Config, plan: dict[str, list[int]], graphdef, lora0, base, tables: dict[str, Table],
+                         names: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Train one adapter per entry of ``plan`` (name → task indices); returns name →
+    {lora (host arrays), steps, rows, seconds}. Checkpoints under ``adapters/<name>``."""
+    mesh = make_mesh(config.mesh)
+    fingerprint_config = config_hash(dataclasses.replace(config, mesh=MeshConfig(), run_dir=""))
+    out = {}
+    for i, (name, task_ids) in enumerate(plan.items()):
+        train, validation = rows_of(tables["train"], task_ids), rows_of(tables["validation"], task_ids)
+        _log(3, f"adapter {i + 1}/{len(plan)} {name!r}: {', '.join(names[t] for t in task_ids)} "
+                f"({len(train['label'])} rows)")
+        start = time.perf_counter()
+        result = train_adapter(
+            graphdef, lora0, base, train, validation, config.training, mesh, seed=config.seed,
+            dropout=config.lora.dropout > 0, run_dir=config.resolved_run_dir() / "adapters" / name,
+            fingerprint={"config": fingerprint_config, "tasks": [names[t] for t in task_ids]},
+        )
+        out[name] = {"lora": to_host(result.lora), "steps": result.step, "rows": int(len(train["label"])),
+                     "seconds": round(time.perf_counter() - start, 2), "tasks": [names[t] for t in task_ids]}
+    return out
+
+
+def compute_flops(config: Config, arch, tables: dict[str, Table], adapters: dict[str, dict[str, Any]],
+                  affinity: dict[str, Any], num_groups: int, boosted: int) -> dict[str, float]:
+    """Analytical FLOPs per stage and the ensemble's overhead over the single adapter (percent)."""
+    fwd = {split: accounting.table_forward_flops(arch, t) for split, t in tables.items()}
+    per_row = {split: fwd[split] / len(t["label"]) for split, t in tables.items()}
+    gradients = accounting.BACKWARD_FACTOR * (fwd["train"] + fwd["validation"])
+    solves = accounting.newton_solve_flops(len(affinity["subsets"]), affinity["rows"],
+                                           tables["train"]["label_token_ids"].shape[1], affinity["dim"],
+                                           affinity["max_iterations"])
+
+    def training(names: Sequence[str]) -> float:
+        return sum(accounting.BACKWARD_FACTOR * per_row["train"] * a["steps"] * config.training.batch_size
+                   for n, a in adapters.items() if n in names)
+
+    groups = [n for n in adapters if n.startswith("group-")]
+    boosters = [n for n in adapters if n.startswith("boost-")]
+    test_rows = len(tables["test"]["label"])
+    single_inference = per_row["test"] * test_rows
+    ensemble_inference = per_row["test"] * test_rows * (num_groups + boosted + (1 if boosted else 0))
+    single_total = training(["single"]) + single_inference
+    ensemble_total = gradients + solves + training(groups + boosters) + ensemble_inference
+    return {
+        "gradients": gradients,
+        "affinity_solves": solves,
+        "training_single_adapter": training(["single"]),
+        "training_groups": training(groups),
+        "training_boosting": training(boosters),
+        "training_random_groups": training([n for n in adapters if n.startswith("random-")]),
+        "inference_single_adapter": single_inference,
+        "inference_ensemble": ensemble_inference,
+        "single_adapter_total": single_total,
+        "ensemble_total": ensemble_total,
+        "ensemble_overhead_percent": 100.0 * (ensemble_total / single_total - 1.0),
+    }
+
+
 def run(config: Config) -> Path:
-    """Run every existing stage for ``config``; return the run directory."""
+    """Run the main job for ``config``; return the run directory (printed last)."""
     run_dir = config.resolved_run_dir()
-    digest = config_hash(config)
-    atomic_write_json(run_dir / "config.json", {"hash": digest, "config": config_to_dict(config)})
-    _log(f"[1/1] model: loading {config.model.source} with a {config.model.base_dtype} base")
+    datasets.disable_progress_bars()
+    atomic_write_json(run_dir / "config.json", {"hash": config_hash(config), "config": config_to_dict(config)})
+    started = time.perf_counter()
+
+    _log(1, f"model: {config.model.source} with a {config.model.base_dtype} base, LoRA sanity check")
     summary = model_stage(config)
     atomic_write_json(run_dir / "model.json", summary)
     p = summary["parameters"]
-    print(f"model: {config.model.source} ({summary['architecture']['num_hidden_layers']} layers, "
-          f"hidden {summary['architecture']['hidden_size']}), base {config.model.base_dtype}: "
-          f"{p['base_params']:,} weights in {p['base_bytes'] / 2**20:.1f} MiB")
-    print(f"lora: rank {config.lora.rank}, alpha {config.lora.alpha:g} on {len(summary['lora_targets'])} "
-          f"module groups ({', '.join(summary['lora_targets'])}): {p['lora_params']:,} trainable parameters")
-    print(f"lora at B=0 changes logits by at most {summary['lora_b0_max_abs_logit_change']:.2e}")
-    print(f"sanity: {config.sanity_prompt!r} -> {summary['sanity_completion']!r}")
-    print(f"pending stages (not implemented yet): {', '.join(PENDING_STAGES)}")
+    print(f"model: {config.model.source}, base {config.model.base_dtype} ({p['base_bytes'] / 2**20:.0f} MiB), "
+          f"LoRA rank {config.lora.rank} on {', '.join(summary['lora_targets'])}: {p['lora_params']:,} parameters; "
+          f"sanity {config.sanity_prompt!r} -> {summary['sanity_completion']!r}")
+
+    _log(2, "grouping: projected gradients -> subset estimates -> affinity -> groups (cached stages)")
+    grouping = grouping_stage(config)
+    affinity = json.loads((Path(grouping["affinity_dir"]) / "affinity.json").read_text())
+    names = affinity["tasks"]
+    index = {name: i for i, name in enumerate(names)}
+    groups = [[index[t] for t in group] for group in grouping["groups"]]
+    print(f"groups ({grouping['method']}): " + " | ".join(", ".join(g) for g in grouping["groups"]))
+
+    _log(3, "training: one adapter per group, random groups, and one adapter on all tasks")
+    model, tokenizer = load_pretrained(config.model.source, base_dtype=config.model.base_dtype,
+                                       compute_dtype=config.model.compute_dtype)
+    apply_lora(model, config.lora, jax.random.key(config.seed))
+    graphdef, lora0, base = split_lora(model)
+    arch = model.config
+    del model
+    tasks = {t.name: t for t in load_suite(config.tasks)}
+    tables = {
+        split: training_table([tokenize_split(tasks[n], split, tokenizer, config.tasks.max_length) for n in names],
+                              pad_id=tokenizer.pad_id, max_length=config.tasks.max_length)
+        for split in ("train", "validation", "test")
+    }
+    plan = {"single": list(range(len(names)))}
+    plan.update({f"group-{g}": ids for g, ids in enumerate(groups)})
+    random_groups: list[list[int]] = []
+    if config.ensemble.random_groups:
+        random_labels = clustering.cluster(np.array(affinity["affinity"]), method="random",
+                                           num_groups=len(groups), seed=config.seed).labels
+        random_groups = [np.flatnonzero(random_labels == g).tolist() for g in range(len(groups))]
+        plan.update({f"random-{g}": ids for g, ids in enumerate(random_groups)})
+    adapters = train_named_adapters(config, plan, graphdef, lora0, base, tables, names)
+
+    _log(4, f"ensemble: convex weights per task, {config.ensemble.boosting_steps} boosting step(s)")
+    bs = config.tasks.batch_size
+    val = tables["validation"]
+
+    def weighted(prefix: str, count: int) -> ens.Ensemble:
+        members = stack_trees([adapters[f"{prefix}-{g}"]["lora"] for g in range(count)])
+        logits = ens.stacked_table_logits(graphdef, members, base, val, bs)
+        alpha = ens.fit_ensemble_weights(logits, val["label"], val["weight"], val["task_index"], len(names),
+                                         per_task=config.ensemble.per_task_weights,
+                                         solver=config.ensemble.weights_solver)
+        return ens.make_ensemble(members, alpha)
+
+    grouped = weighted("group", len(groups))
+    chosen: list[int] = []
+    if config.ensemble.boosting_steps:
+        grouped, chosen = ens.boost_trained(graphdef, grouped, lora0, base, tables["train"], groups, config.training,
+                                            steps=config.ensemble.boosting_steps, step_size=config.ensemble.step_size,
+                                            seed=config.seed, batch_size=bs)
+        for r, g in enumerate(chosen):
+            group_rows = int(np.isin(tables["train"]["task_index"], groups[g]).sum())
+            adapters[f"boost-{r}"] = {"lora": jax.tree.map(lambda x: x[r], grouped.boosters),
+                                      "steps": total_steps(config.training, group_rows), "rows": group_rows,
+                                      "tasks": [names[t] for t in groups[g]]}
+
+    _log(5, "evaluation: per-task test accuracy")
+    test = tables["test"]
+    single = ens.stacked_table_logits(graphdef, stack_trees([adapters["single"]["lora"]]), base, test, bs)[0]
+    zero = ens.stacked_table_logits(graphdef, stack_trees([ens.zero_adapter(stack_trees([lora0]))]), base, test, bs)[0]
+    per_task = {
+        "zero_shot": per_task_accuracy(zero, test, names),
+        "single_adapter": per_task_accuracy(single, test, names),
+        "ensemble": per_task_accuracy(ens.ensemble_table_logits(graphdef, grouped, base, test, bs), test, names),
+    }
+    if random_groups:
+        random_ensemble = weighted("random", len(random_groups))
+        per_task["random_groups"] = per_task_accuracy(
+            ens.ensemble_table_logits(graphdef, random_ensemble, base, test, bs), test, names)
+    average = {method: float(np.mean(list(acc.values()))) for method, acc in per_task.items()}
+    flops = compute_flops(config, arch, tables, adapters, affinity, len(groups), len(chosen))
+
+    _log(6, "report: metrics.json, report.md, PNGs, PEFT adapters")
+    for name, adapter in adapters.items():
+        export_peft_adapter(nnx.merge(graphdef, adapter["lora"], base), run_dir / "peft" / name,
+                            base_model_name_or_path=config.model.source)
+    metrics = {
+        "run_name": config.name,
+        "model": config.model.source,
+        "base_dtype": config.model.base_dtype,
+        "tasks": list(names),
+        "groups": grouping["groups"],
+        "grouping_method": grouping["method"],
+        "grouping_info": grouping["info"],
+        "random_groups": [[names[t] for t in g] for g in random_groups],
+        "boosting_steps": len(chosen),
+        "boosted_groups": [grouping["groups"][g] for g in chosen],
+        "ensemble_weights": np.asarray(grouped.weights).tolist(),
+        "per_task_accuracy": per_task,
+        "average_accuracy": average,
+        "flops": flops,
+        "peak_memory_bytes": accounting.peak_memory_bytes(),
+        "adapters": {n: {k: v for k, v in a.items() if k != "lora"} for n, a in adapters.items()},
+        "test_examples": int(len(test["label"])),
+        "wall_seconds": round(time.perf_counter() - started, 1),
+        "config_hash": config_hash(config),
+    }
+    write_report(run_dir, metrics, Path(grouping["heatmap"]).read_bytes())
+    print("average test accuracy: " + ", ".join(f"{m} {a:.3f}" for m, a in average.items()))
+    print(f"ensemble overhead over the single adapter: {flops['ensemble_overhead_percent']:.1f}% FLOPs")
     print(f"run directory: {run_dir}")
     return run_dir
+
