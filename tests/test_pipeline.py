@@ -16,6 +16,9 @@ def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
     result = cli("run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}")
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == f"run directory: {tmp_path}"
+    model = json.loads((tmp_path / "model.json").read_text())
+    assert model["lora_b0_max_abs_logit_change"] == 0.0 and "Paris" in model["sanity_completion"]
+    assert model["parameters"]["lora_params"] == 30 * (576 * 4 + 4 * 576 + 2 * (576 * 4 + 4 * 192))
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert len(metrics["tasks"]) == 10 and sorted(sum(metrics["groups"], [])) == sorted(metrics["tasks"])
     assert METHODS <= set(metrics["per_task_accuracy"]) and METHODS <= set(metrics["average_accuracy"])
