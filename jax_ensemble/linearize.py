@@ -185,21 +185,10 @@ def value_and_projected_gradients(
     return _forward(apply_fn, params, batch, projector, direction_chunk)
 
 
-def projected_gradients(
-    apply_fn: ApplyFn,
-    params: Any,
-    batch: Any,
-    projector: Projector,
-    *,
-    strategy: str = "reverse",
-    direction_chunk: int = 32,
-    memory_budget_bytes: float = 2**30,
-) -> jax.Array:
-    """G (B, d) or (B, *out, d): :func:`value_and_projected_gradients` without the outputs."""
-    return value_and_projected_gradients(
-        apply_fn, params, batch, projector, strategy=strategy,
-        direction_chunk=direction_chunk, memory_budget_bytes=memory_budget_bytes,
-    )[1]
+def projected_gradients(apply_fn: ApplyFn, params: Any, batch: Any, projector: Projector, **options: Any) -> jax.Array:
+    """G (B, d) or (B, *out, d): :func:`value_and_projected_gradients` (same ``options``)
+    without the outputs."""
+    return value_and_projected_gradients(apply_fn, params, batch, projector, **options)[1]
 
 
 def linearization_errors(
