@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(handler=_cmd_generate)
 
-    run = sub.add_parser("run", help="the main job: every stage that exists, on a config")
+    run = sub.add_parser("run", help="the main job: estimate, cluster, train groups and baselines, ensemble + boosting, evaluate, report")
     run.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=8")
     run.set_defaults(handler=_cmd_run)
