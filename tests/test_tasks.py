@@ -250,7 +250,8 @@ def tiny_model(tiny_hf_dir):
 
 
 def tiny_task(tmp_path: Path, label_words: dict | None = None):
-    rows = [{"text": "t" * (1 + 7 * i), "stars": [1, 5][i % 2]} for i in range(24)]  # 1 .. 162 chars
+    # three prompt lengths (one short, two truncated at 40 tokens): few compiled shapes for the per-example loop
+    rows = [{"text": "t" * [1, 50, 150][i % 3], "stars": [1, 5][i % 2]} for i in range(24)]
     spec = write_spec(tmp_path, rows, label_words=label_words or {"no": "x", "yes": " t"})
     return load_task(str(spec), TasksConfig(train_size=12, validation_size=6, test_size=6))
 
@@ -293,6 +294,7 @@ def test_label_words_sharing_a_first_token_are_rejected(tmp_path, tiny_model):
 
 def test_zero_shot_matches_a_plain_per_example_loop(tmp_path, tiny_model):
     import jax.numpy as jnp
+    from flax import nnx
 
     from jax_ensemble.tasks.zero_shot import evaluate_zero_shot, jitted_label_logits, split_label_logits
 
@@ -302,10 +304,11 @@ def test_zero_shot_matches_a_plain_per_example_loop(tmp_path, tiny_model):
     batched = split_label_logits(jitted_label_logits(model), tokenize_split(task, "train", tok, 40),
                                  batch_size=4, max_length=40, pad_id=tok.pad_id, num_choices=5)
     words = [tok.encode(w)[0] for w in task.spec.label_words]
+    last_logits = nnx.jit(lambda m, ids: m(ids, logit_positions=jnp.array([ids.shape[1] - 1])))
     reference = []
     for row in task.split("train"):  # one unpadded example at a time, full-vocabulary logits
         ids = tok.encode(render_prompt(task.spec, row))[-40:]
-        reference.append(np.asarray(model(jnp.array([ids]), logit_positions=jnp.array([len(ids) - 1])))[0][words])
+        reference.append(np.asarray(last_logits(model, jnp.array([ids])))[0][words])
     reference = np.stack(reference)
     np.testing.assert_allclose(batched, reference, rtol=1e-4, atol=1e-4)
     labels = np.asarray(task.split("train")["label"])
