@@ -46,6 +46,7 @@ from flax import nnx
 from jax_ensemble.classification import NO_CHOICE_LOGIT, Batch, lora_label_logits_fn
 from jax_ensemble.config import TrainingConfig
 from jax_ensemble.errors import ConfigError, DataError, SolverError
+from jax_ensemble.gradient_stage import SplitGradients
 from jax_ensemble.gradients import lora_feature_split
 from jax_ensemble.lora_ensembles import stack_trees, train_members, unstack_tree
 from jax_ensemble.projection import Projector, lift
@@ -318,9 +319,12 @@ def boost_closed_form(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx
     """Closed-form boosting in weight space (:func:`boost`): each round fits w by
     :func:`ridge_fit` of the residual onehot(y) − softmax(F) on ``features`` G (N, K, d) (the
     train rows' projected label-logit gradients at ``init_lora`` = θ0, see
-    :func:`logit_features`) over the chosen group's rows, and adds the adapter θ0 + P·w
+    :func:`table_features`) over the chosen group's rows, and adds the adapter θ0 + P·w
     (:func:`lifted_adapter`) run through the network."""
     _check_fresh(init_lora)
+    if features.shape[:2] != train["label_token_ids"].shape:
+        raise DataError(f"closed-form boosting: features {features.shape} do not match the training table's "
+                        f"{train['label_token_ids'].shape} rows and choices (see table_features)")
     g = jnp.asarray(features)
 
     def learner(r: int, rows: np.ndarray, current: np.ndarray, base_logits: np.ndarray) -> Any:
@@ -359,6 +363,17 @@ def logit_features(grads: np.ndarray, labels: np.ndarray) -> np.ndarray:
         return grads
     half = (2.0 * np.asarray(labels) - 1.0)[:, None] * grads / 2.0
     return np.stack([-half, half], axis=1)
+
+
+def table_features(splits: Sequence[SplitGradients], width: int) -> np.ndarray:
+    """Label-logit features (N, width, d) of a training table from the gradient stage's splits
+    (``gradient_stage.load_gradients``, one per task in the table's task order): each split's
+    :func:`logit_features`, padded with zero rows for the table's padded choices."""
+    parts = []
+    for split in splits:
+        g = logit_features(split.grads, split.labels)
+        parts.append(np.pad(g, ((0, 0), (0, width - g.shape[1]), (0, 0))))
+    return np.concatenate(parts)
 
 
 def closed_form_step(features: np.ndarray, logits: np.ndarray, labels: np.ndarray, weights: np.ndarray,

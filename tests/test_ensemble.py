@@ -20,9 +20,10 @@ from jax_ensemble.ensemble import (
     add_booster, boost_closed_form, boost_trained, boosting_loss, boosting_offsets, closed_form_step, ensemble_logits,
     ensemble_loss, ensemble_table_logits, fit_convex_weights, fit_ensemble_weights, group_losses,
     lifted_adapter, linear_boost, logit_features, make_ensemble, ridge_fit, stacked_label_logits,
-    stacked_table_logits,
+    stacked_table_logits, table_features,
 )
 from jax_ensemble.errors import ConfigError, DataError
+from jax_ensemble.gradient_stage import SplitGradients
 from jax_ensemble.gradients import batch_gradients, lora_feature_split
 from jax_ensemble.lora_ensembles import init_member_adapters, member_logits_fn, stack_trees, unstack_tree
 from jax_ensemble.models import LlamaForCausalLM
@@ -145,6 +146,12 @@ def test_log_odds_features_give_the_same_probabilities_as_logit_gradients():
     exact = jax.nn.softmax(z0 + per_class @ w)
     derived = jax.nn.softmax(z0 + logit_features(log_odds, labels) @ w)
     np.testing.assert_allclose(derived, exact, rtol=1e-5, atol=1e-6)
+    three = rng.normal(size=(4, 3, d)).astype(np.float32)
+    splits = [SplitGradients(log_odds, z0[:, 0], labels), SplitGradients(three, z0[:4], labels[:4])]
+    table = table_features(splits, width=3)
+    assert table.shape == (n + 4, 3, d)
+    np.testing.assert_allclose(table[:n, :2], logit_features(log_odds, labels))
+    assert np.all(table[:n, 2] == 0) and np.all(table[n:] == three)
 
 
 def test_ensemble_logits_closed_form():
@@ -217,6 +224,8 @@ def test_closed_form_boosting_lowers_the_training_loss_of_a_weak_ensemble():
     assert group == 0 and w.shape == (16,)
     linear = linear_boost(before, g, w, step_size=0.2)
     assert _train_loss(linear, train) < _train_loss(before, train) - 1e-4
+    with pytest.raises(DataError, match="do not match the training table"):
+        boost_closed_form(graphdef, weak, fresh, base, train, g[:5], projector, [[0]])
     boosted, chosen = boost_closed_form(graphdef, weak, fresh, base, train, g, projector, [[0]], steps=1,
                                         step_size=0.2, l2=1.0, batch_size=24)
     assert chosen == [0]
