@@ -59,3 +59,9 @@ def test_bad_affinity_and_clustering_keys(override, message):
         load_config("configs/default.yaml", [override])
     cfg = load_config("configs/default.yaml", ["affinity.l2=1e-2", "clustering.num_groups=3"])
     assert (cfg.affinity.l2, cfg.affinity.num_subsets, cfg.clustering.num_groups) == (1e-2, 50, 3)
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs").glob("*.yaml")), ids=str)
+def test_every_shipped_config_is_valid(path):
+    config = load_config(path)
+    assert config.name == path.stem
