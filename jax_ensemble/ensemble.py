@@ -23,7 +23,8 @@ one shared frozen (int8) base; B (or N) rows; K label choices (padded choices ca
     (:func:`boosting_loss`, the offset F − z_base comes with the batch as
     ``offset_logits``), i.e. h fits the functional gradient of the ensemble loss;
   * closed form (:func:`boost_closed_form`; one array-level round: :func:`closed_form_step`):
-    ridge regression of the residual r_i = onehot(y_i) − softmax(F(x_i)) on the projected label-logit gradients G_i (K, d),
+    ridge regression of the residual r_i = onehot(y_i) − softmax(F(x_i)) on the projected
+    label-logit gradients G_i (K, d),
     w = (Σ_i w_i G_iᵀG_i + λI)⁻¹ Σ_i w_i G_iᵀ r_i; predict linearly F + η G w
     (:func:`linear_boost`) or map back to an adapter θ0 + P w (:func:`lifted_adapter`)
     and run the network. λ belongs on the scale of Σ_i w_i‖G_i‖²/d: too small a λ lets
@@ -377,7 +378,8 @@ def table_features(splits: Sequence[SplitGradients], width: int) -> np.ndarray:
 
 
 def closed_form_step(features: np.ndarray, logits: np.ndarray, labels: np.ndarray, weights: np.ndarray,
-                     task_index: np.ndarray, groups: Sequence[Sequence[int]], *, l2: float = 1.0) -> tuple[int, np.ndarray]:
+                     task_index: np.ndarray, groups: Sequence[Sequence[int]], *,
+                     l2: float = 1.0) -> tuple[int, np.ndarray]:
     """One closed-form boosting round: (g, w) with g the group of highest training loss under
     the ensemble logits F (n, K) and w (d,) the ridge fit of the residual onehot(y) − softmax(F)
     on ``features`` G (n, K, d) over group g's rows."""
@@ -387,7 +389,8 @@ def closed_form_step(features: np.ndarray, logits: np.ndarray, labels: np.ndarra
     return g, np.asarray(ridge_fit(jnp.asarray(features), r, jnp.asarray(w), l2))
 
 
-def linear_boost(logits: np.ndarray, features: np.ndarray, w: np.ndarray, step_size: float = DEFAULT_STEP_SIZE) -> np.ndarray:
+def linear_boost(logits: np.ndarray, features: np.ndarray, w: np.ndarray,
+                 step_size: float = DEFAULT_STEP_SIZE) -> np.ndarray:
     """F + η G w (n, K): the closed-form booster's linear prediction."""
     return np.asarray(predictions(step_size * jnp.asarray(w), jnp.asarray(features), jnp.asarray(logits)))
 
