@@ -11,7 +11,7 @@ METHOD.md §5 and baselines.
   non-negative) as a Gram matrix, rounded the same way (spectral-clustering baseline);
 - random partition, one group, one group per task;
 - :func:`eigengap_num_groups`: m when not given: the largest gap between consecutive
-  eigenvalues of the normalised affinity, over m = 2..n−1.
+  eigenvalues of the normalised affinity, over m = 2..⌊n/2⌋.
 
 A partition is an (n,) int array of group ids, numbered by each group's smallest task.
 """
@@ -117,13 +117,14 @@ def spectral_similarity(affinity: np.ndarray, num_groups: int) -> np.ndarray:
 
 
 def eigengap_num_groups(affinity: np.ndarray) -> int:
-    """argmax over m ∈ 2..n−1 of μ_m − μ_{m+1} (μ the normalised affinity's eigenvalues,
-    descending); 1 for n ≤ 2."""
+    """argmax over m ∈ 2..⌊n/2⌋ (groups of two tasks on average at least) of μ_m − μ_{m+1},
+    μ the normalised affinity's eigenvalues in descending order; 1 for n ≤ 3."""
     n = len(affinity)
-    if n <= 2:
+    if n <= 3:
         return 1
     mu = np.linalg.eigvalsh(_normalised_affinity(affinity))[::-1]
-    return int(np.argmax(mu[1 : n - 1] - mu[2:n]) + 2)
+    top = n // 2
+    return int(np.argmax(mu[1:top] - mu[2 : top + 1]) + 2)
 
 
 def random_partition(num_tasks: int, num_groups: int, seed: int) -> np.ndarray:
