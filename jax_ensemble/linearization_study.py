@@ -10,7 +10,8 @@ one compiled train step per run) it reports on the validation rows:
 
 - ``weight_distance`` = ‖s·AB‖_F / ‖W0‖_F over all adapted modules (s = alpha / rank,
   W0 the dequantized base weights of those modules);
-- ``relative_output_error`` = Σ|f − f_lin| / Σ|f − f0| and ``relative_squared_error`` =
+- ``relative_output_error`` = Σ|f − f_lin| / Σ|f − f0| (None while Σ|f − f0| ≈ 0) and
+  ``relative_squared_error`` =
   mean(((f_lin − f) / max(|f|, |f0|))²) (the official code's measure), see
   :func:`jax_ensemble.linearize.linearization_errors`;
 - ``accuracy_f`` / ``accuracy_f_lin``: accuracy of the fine-tuned network and of its
@@ -110,7 +111,8 @@ def _summary(ev: dict, ev0: dict) -> dict[str, float]:
         return float(np.mean(np.concatenate(hits)))
 
     return {
-        "relative_output_error": off / max(moved, 1e-12),
+        # undefined (None) while fine-tuning has not moved the outputs (e.g. a warm-up step at lr 0)
+        "relative_output_error": off / moved if moved > 1e-6 * sum(sizes) else None,
         "relative_squared_error": sq,
         "accuracy_f": accuracy("f"),
         "accuracy_f_lin": accuracy("f_lin"),
@@ -230,7 +232,8 @@ def format_table(result: dict[str, Any]) -> str:
     for s in result["settings"]:
         mark = " *" if s["is_default_training_length"] else ""
         lines.append(f"{s['rank']:>4} {s['learning_rate']:>8.1e} {s['steps']:>6} {s['weight_distance']:>9.2e} "
-                     f"{s['relative_output_error']:>8.4f} {s['relative_squared_error']:>9.2e} "
+                     f"{s['relative_output_error'] if s['relative_output_error'] is not None else float('nan'):>8.4f} "
+                     f"{s['relative_squared_error']:>9.2e} "
                      f"{s['accuracy_f']:>6.3f} {s['accuracy_f_lin']:>7.3f}{mark}")
     lines.append(f"* = the training stage's own length ({result['default_training_steps']} steps on "
                  f"{result['train_rows']} rows); base accuracy {result['accuracy_f0']:.3f}")
