@@ -46,7 +46,7 @@ from flax import nnx
 
 from jax_ensemble.classification import NO_CHOICE_LOGIT, Batch, lora_label_logits_fn
 from jax_ensemble.config import TrainingConfig
-from jax_ensemble.errors import ConfigError, DataError, SolverError
+from jax_ensemble.errors import ConfigError, DataError, NumericalError, SolverError
 from jax_ensemble.gradient_stage import SplitGradients
 from jax_ensemble.gradients import lora_feature_split
 from jax_ensemble.lora_ensembles import stack_trees, train_members, unstack_tree
@@ -112,11 +112,14 @@ def fit_convex_weights(logits: np.ndarray, labels: np.ndarray, weights: np.ndarr
     logits (M, n, K) (padded choices NO_CHOICE_LOGIT), labels (n,), weights (n,) ≥ 0 (rows
     of weight 0 are dropped). Each row is shifted by its largest logit (CE is unchanged
     because Σα = 1) and its log-sum-exp runs over its real choices only. DataError if no
-    row has positive weight; SolverError unless cvxpy reports optimal."""
+    row has positive weight; NumericalError on NaN/inf logits; SolverError unless cvxpy
+    reports optimal."""
     keep = np.asarray(weights) > 0
     if not keep.any():
         raise DataError("no validation rows with positive weight to fit ensemble weights on")
     z = np.asarray(logits, np.float64)[:, keep]
+    if not np.isfinite(z).all():
+        raise NumericalError("member logits contain NaN/inf: check the adapters before fitting ensemble weights")
     y, w = np.asarray(labels)[keep], np.asarray(weights, np.float64)[keep]
     w = w / w.sum()
     choices = _valid_choices(z)

@@ -22,7 +22,7 @@ from jax_ensemble.ensemble import (
     lifted_adapter, linear_boost, logit_features, make_ensemble, ridge_fit, stacked_label_logits,
     stacked_table_logits, table_features,
 )
-from jax_ensemble.errors import ConfigError, DataError
+from jax_ensemble.errors import ConfigError, DataError, NumericalError
 from jax_ensemble.gradient_stage import SplitGradients
 from jax_ensemble.gradients import batch_gradients, lora_feature_split
 from jax_ensemble.lora_ensembles import init_member_adapters, member_logits_fn, stack_trees, unstack_tree
@@ -122,6 +122,9 @@ def test_per_task_weights_pick_the_planted_member():
     assert glob[0, 1] < 0.05
     with pytest.raises(DataError, match="task 1 has no validation rows"):
         fit_ensemble_weights(logits, labels, np.where(task == 1, 0.0, 1.0), task, 2)
+    logits[1, 3, 0] = np.nan
+    with pytest.raises(NumericalError, match="NaN"):
+        fit_ensemble_weights(logits, labels, weights, task, 2)
 
 
 def test_ridge_matches_sklearn():
