@@ -286,7 +286,7 @@ def train_adapter(
     evaluator = Evaluator(graphdef, base, mesh, config.eval_batch_size, rules)
     base, base_shardings = evaluator.base, evaluator.base_shardings
     state = put_global(host_state, state_shardings)
-    example = take_batch(train, np.arange(config.batch_size), config.grad_accum_steps)
+    example = take_batch(train, batch_indices(rows, config.batch_size, seed, 0), config.grad_accum_steps)
     batch_shardings = {k: batch_sharding(mesh, v.ndim, leading=1) for k, v in example.items()}
     train_step = jax.jit(
         make_train_step(classification_loss(graphdef), optimizer, seed=seed, dropout=dropout),

@@ -10,6 +10,7 @@ with ``lax.scan``: one compiled layer whatever the depth.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -273,6 +274,10 @@ class LlamaForCausalLM(nnx.Module):
         n = self.config.num_hidden_layers
         keys = None if dropout_key is None else jax.random.split(dropout_key, n)
 
+        # Differentiated, the scan saves only matmul outputs per layer and recomputes the
+        # rest, so the float copies of an int8/bf16 base's kernels are not stacked as
+        # residuals (they would make an int8 base cost as much memory as a float32 one).
+        @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
         def one_layer(h, xs):
             state, key = xs
             return nnx.merge(graphdef, state)(h, cos, sin, mask, key), None
