@@ -205,3 +205,29 @@ def test_bad_config_is_one_clear_line(overrides, message):
 def test_mesh_that_does_not_fit_the_devices_is_a_clear_error():
     with pytest.raises(ConfigError, match="devices"):
         make_mesh(MeshConfig(data=2 * len(jax.devices())))
+
+
+def test_int8_training_does_not_keep_float_copies_of_the_base():
+    """The compiled train step's temporaries for an int8 base stay at the float32 base's
+    level: the layer scan must not stack dequantized kernels as backward residuals
+    (which would add ~4 bytes per base weight)."""
+    from flax import nnx
+
+    from jax_ensemble.config import LoRAConfig
+    from jax_ensemble.lora import apply_lora, split_lora
+    from jax_ensemble.models import LlamaConfig, LlamaForCausalLM
+
+    wide = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)
+    batch = {k: jnp.asarray(v) for k, v in take_batch(synthetic_table(2, seq=8), np.arange(2)).items()}
+    temps = {}
+    for base_dtype in ("int8", "float32"):
+        model = LlamaForCausalLM(wide, base_dtype=base_dtype, rngs=nnx.Rngs(0))
+        apply_lora(model, LoRAConfig(), jax.random.key(0))
+        graphdef, lora, base = split_lora(model)
+        optimizer = make_optimizer(TrainingConfig(max_steps=1), 1)
+        step = jax.jit(make_train_step(classification_loss(graphdef), optimizer, seed=0, dropout=False))
+        compiled = step.lower(init_state(lora, optimizer), base, batch).compile()
+        temps[base_dtype] = compiled.memory_analysis().temp_size_in_bytes
+    float_weights = 2 * (2 * 256 * 256 + 2 * 256 * 128 + 3 * 256 * 512) * 4
+    assert temps["int8"] < temps["float32"] + 0.25 * float_weights, temps
