@@ -248,7 +248,7 @@ class LinearizationConfig:
     """
 
     tasks: tuple[str, ...] = ("rt_polarity",)
-    steps: tuple[int, ...] = (2, 5, 10, 0)
+    steps: tuple[int, ...] = (2, 4, 0)
     ranks: tuple[int, ...] = ()
     learning_rates: tuple[float, ...] = ()
     validation_examples: int = 50
