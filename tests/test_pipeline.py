@@ -13,7 +13,7 @@ METHODS = {"zero_shot", "single_adapter", "random_groups", "ensemble"}
 
 @pytest.mark.slow
 def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
-    result = cli("run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}")
+    result = cli("run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}", timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == f"run directory: {tmp_path}"
     model = json.loads((tmp_path / "model.json").read_text())
@@ -31,7 +31,7 @@ def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
     peft = json.loads((tmp_path / "peft" / "group-0" / "adapter_config.json").read_text())
     assert peft["r"] == 4 and peft["lora_alpha"] == 32.0
     # a rerun reuses every finished stage and adapter and reproduces the numbers
-    again = cli("run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}")
+    again = cli("run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}", timeout=2400)
     assert again.returncode == 0, again.stderr[-3000:]
     assert json.loads((tmp_path / "metrics.json").read_text())["per_task_accuracy"] == metrics["per_task_accuracy"]
 

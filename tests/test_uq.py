@@ -15,7 +15,7 @@ METRICS = {"accuracy", "ece", "nll", "brier", "ood_auroc"}
 def test_uq_json_reports_every_method(tmp_path):
     result = cli("uq", "--config", "configs/default.yaml", "--json", f"run_dir={tmp_path}",
                  "tasks.train_size=16", "tasks.test_size=8", "uq.members=2", "training.max_steps=2",
-                 "training.batch_size=4")
+                 "training.batch_size=4", timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
     assert set(summary["results"]) == {"single", "ensemble", "mc_dropout"}
