@@ -31,7 +31,7 @@ from flax import nnx
 
 from jax_ensemble import accounting, clustering, ensemble as ens
 from jax_ensemble.affinity_stage import grouping_stage
-from jax_ensemble.config import Config, MeshConfig, config_hash, config_to_dict
+from jax_ensemble.config import Config, config_hash, config_to_dict
 from jax_ensemble.generate import greedy_generate
 from jax_ensemble.lora import apply_lora, count_parameters, split_lora
 from jax_ensemble.lora_ensembles import stack_trees
@@ -94,7 +94,9 @@ def train_named_adapters(config: Config, plan: dict[str, list[int]], graphdef, l
     """Train one adapter per entry of ``plan`` (name → task indices); returns name →
     {lora (host arrays), steps, rows, seconds}. Checkpoints under ``adapters/<name>``."""
     mesh = make_mesh(config.mesh)
-    fingerprint_config = config_hash(dataclasses.replace(config, mesh=MeshConfig(), run_dir=""))
+    # What determines an adapter (not the mesh, nor later stages' settings): changing, say,
+    # ensemble.step_size reuses the trained adapters.
+    determines = {k: config_to_dict(config)[k] for k in ("model", "lora", "tasks", "training", "seed")}
     out = {}
     for i, (name, task_ids) in enumerate(plan.items()):
         train, validation = rows_of(tables["train"], task_ids), rows_of(tables["validation"], task_ids)
@@ -104,7 +106,7 @@ def train_named_adapters(config: Config, plan: dict[str, list[int]], graphdef, l
         result = train_adapter(
             graphdef, lora0, base, train, validation, config.training, mesh, seed=config.seed,
             dropout=config.lora.dropout > 0, run_dir=config.resolved_run_dir() / "adapters" / name,
-            fingerprint={"config": fingerprint_config, "tasks": [names[t] for t in task_ids]},
+            fingerprint={"settings": determines, "tasks": [names[t] for t in task_ids]},
         )
         out[name] = {"lora": to_host(result.lora), "steps": result.step, "rows": int(len(train["label"])),
                      "seconds": round(time.perf_counter() - start, 2), "tasks": [names[t] for t in task_ids]}
