@@ -38,9 +38,10 @@ from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.storage import atomic_write_bytes, atomic_write_json
 from jax_ensemble.tasks import load_task, tokenize_split
 from jax_ensemble.tasks.batching import TokenizedSplit
-from jax_ensemble.tasks.tables import Table, training_table
+from jax_ensemble.tasks.tables import training_table
 from jax_ensemble.tasks.zero_shot import split_label_logits
-from jax_ensemble.training import classification_loss, eval_batches
+from jax_ensemble.ensemble import table_outputs
+from jax_ensemble.training import classification_loss
 from jax_ensemble.uncertainty import calibration_report, ood_auroc, predictive, reliability_bins
 
 Predictor = Callable[[dict[str, np.ndarray]], np.ndarray]
@@ -65,13 +66,6 @@ def samples_logits(predictors: Sequence[Predictor], splits: Sequence[TokenizedSp
             parts.append(np.pad(z, ((0, 0), (0, width - z.shape[1])), constant_values=NO_CHOICE_LOGIT))
         out.append(np.concatenate(parts))
     return np.stack(out)
-
-
-def table_logits(predict: Predictor, table: Table, batch_size: int) -> np.ndarray:
-    """(N, K) logits of ``predict`` over every row of ``table``."""
-    n = len(table["label"])
-    chunks = [predict(batch) for batch in eval_batches(table, batch_size)]
-    return np.concatenate(chunks)[:n]
 
 
 def method_metrics(id_logits: np.ndarray, id_labels: np.ndarray, ood_logits: np.ndarray, num_bins: int) -> dict[str, float]:
@@ -159,7 +153,7 @@ def run_uq(config: Config, *, progress: bool = True) -> dict[str, Any]:
     if uq.kl_penalty > 0:
         apply = member_logits_fn(graphdef)
         at_base = unstack_tree(initial)[0]  # B = 0: the base model's logits
-        base_logits = table_logits(lambda batch: np.asarray(apply(at_base, base, batch, None)), train,
+        base_logits = table_outputs(lambda batch: apply(at_base, base, batch, None), train,
                                    config.tasks.batch_size)
         kl = train_members(kl_regularized_loss(graphdef, uq.kl_penalty), initial, base,
                            with_base_logits(train, base_logits), training, seeds=seeds, progress=progress,
