@@ -142,13 +142,18 @@ def estimate_subsets(
     """All subsets' regressions and validation scores in one jitted, vmapped program.
 
     subsets: (S, n) bool; example_weights: (N,) (e.g. :func:`balancing_weights`; None:
-    all 1). Subset S trains on its rows only (:func:`subset_rows`); ``chunk_size``
-    subsets are solved at once (None: all)."""
-    rows, valid = subset_rows(subsets, task_ids, train_mask)
+    all 1). With Newton, subset S trains on its rows only (:func:`subset_rows`: its Hessian
+    costs O(rows·d²)); L-BFGS weighs all N rows by a 0/1 mask instead, so its products with
+    G are one matrix product over all subsets. ``chunk_size`` subsets are solved at once
+    (None: all)."""
     base = np.ones(len(task_ids), np.float32) if example_weights is None else np.asarray(example_weights, np.float32)
-    weights = valid * base[rows]
-    solution = solvers.solve_many(features, offsets, labels, jnp.asarray(weights), l2, rows=jnp.asarray(rows),
-                                  method=method, chunk_size=chunk_size)
+    if solvers.resolve_method(method, features.shape[-1]) == "newton":
+        rows, valid = subset_rows(subsets, task_ids, train_mask)
+        weights, rows = jnp.asarray(valid * base[rows]), jnp.asarray(rows)
+    else:
+        weights, rows = jnp.asarray(np.asarray(subsets, bool)[:, task_ids] * (train_mask * base)), None
+    solution = solvers.solve_many(features, offsets, labels, weights, l2, rows=rows, method=method,
+                                  chunk_size=chunk_size)
     val_of_task = np.eye(subsets.shape[1], dtype=np.float32)[task_ids] * np.asarray(val_mask, np.float32)[:, None]
     return _score(solution, features, offsets, labels, jnp.asarray(val_of_task))
 
