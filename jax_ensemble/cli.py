@@ -185,6 +185,10 @@ def _cmd_validate_estimates(args: argparse.Namespace) -> int:
         e = summary["errors"][name]
         print(f"  {name + ' estimate:':<24} mean relative loss error {e['mean_relative_error_loss']:.3f}, "
               f"mean abs accuracy error {e['mean_abs_error_accuracy']:.3f}")
+    if "per_task" in summary:  # results written before the per-task summary existed lack it
+        print("  linear estimate by task (worst accuracy error first): " + ", ".join(
+            f"{task} {t['accuracy']['linear']:.2f} vs {t['accuracy']['actual']:.2f}"
+            for task, t in summary["per_task"].items()))
     print("  linear estimate by affinity.l2 (in-sample for these subsets): "
           + ", ".join(f"{r['l2']:g}: {r['mean_relative_error_loss']:.3f} / {r['mean_abs_error_accuracy']:.3f}"
                       for r in summary["l2_sweep"]))

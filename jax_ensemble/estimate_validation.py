@@ -101,6 +101,24 @@ def summarize(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def per_task(pairs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """task → its number of pairs, mean actual and estimated accuracy, and every
+    predictor's mean errors over the subsets containing it (:func:`summarize` per task),
+    worst linear accuracy error first: which tasks the estimate misses."""
+    tasks = sorted({p["task"] for p in pairs})
+    out = {}
+    for task in tasks:
+        group = [p for p in pairs if p["task"] == task]
+        errors = summarize(group)
+        out[task] = {
+            "pairs": len(group),
+            "accuracy": {n: float(np.mean([p[n]["accuracy"] for p in group])) for n in ("actual", *PREDICTORS)},
+            "errors": {n: {k: e[k] for k in ("mean_relative_error_loss", "mean_abs_error_accuracy")}
+                       for n, e in errors.items()},
+        }
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["errors"]["linear"]["mean_abs_error_accuracy"]))
+
+
 def l2_sweep(config: Config, gradients_directory: str | Path, subsets: np.ndarray, pairs: Sequence[Mapping[str, Any]],
              names: Sequence[str]) -> list[dict[str, float]]:
     """The linear estimate's mean errors against the same fine-tuned outcomes for every λ of
@@ -223,6 +241,7 @@ def validate_estimates(config: Config, num_subsets: int, *, progress: bool = Tru
         "mean_abs_error_accuracy": errors["linear"]["mean_abs_error_accuracy"],
         "speedup": times["speedup"],
         "errors": errors,
+        "per_task": per_task(pairs),
         "timing": times,
         "l2_sweep": sweep,
         "subsets": [[names[i] for i in ids] for ids in subsets],

@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import accuracy_score, log_loss
 
 from jax_ensemble.classification import NO_CHOICE_LOGIT
-from jax_ensemble.estimate_validation import subset_adapter_name, summarize, task_scores, timing
+from jax_ensemble.estimate_validation import per_task, subset_adapter_name, summarize, task_scores, timing
 from jax_ensemble.suite_training import training_seconds
 from test_cli import assert_one_line_error, cli
 
@@ -44,6 +44,20 @@ def test_summarize_is_the_mean_of_pairwise_errors():
     assert errors["weight_space"]["mean_relative_error_loss"] == pytest.approx((0 + 1.0) / 2)
     assert errors["linear"]["loss_correlation"] == pytest.approx(1.0)  # two points: the sign of the slope
     assert np.isnan(errors["base"]["loss_correlation"])  # a constant predictor has no correlation
+
+
+def test_per_task_groups_the_pairs_of_each_task_worst_first():
+    pairs = [{**_pair((0.5, 0.50), (0.6, 0.70), (0.5, 0.5), (0.7, 0.5)), "task": "a"},
+             {**_pair((0.4, 0.80), (0.4, 0.80), (0.8, 0.4), (0.7, 0.5)), "task": "b"},
+             {**_pair((0.5, 0.60), (0.5, 0.70), (0.5, 0.5), (0.7, 0.5)), "task": "a"}]
+    tasks = per_task(pairs)
+    assert list(tasks) == ["a", "b"]  # a misses by 0.15 on average, b by 0
+    assert tasks["a"]["pairs"] == 2 and tasks["b"]["pairs"] == 1
+    assert tasks["a"]["errors"]["linear"]["mean_abs_error_accuracy"] == pytest.approx((0.2 + 0.1) / 2)
+    assert tasks["a"]["errors"]["linear"]["mean_relative_error_loss"] == pytest.approx((0.1 / 0.5 + 0) / 2)
+    assert tasks["a"]["accuracy"]["actual"] == pytest.approx(0.55)
+    assert tasks["a"]["accuracy"]["linear"] == pytest.approx(0.70)
+    assert tasks["b"]["errors"]["weight_space"]["mean_abs_error_accuracy"] == pytest.approx(0.4)
 
 
 def test_timing_extrapolates_to_every_subset_and_scales_resumed_gradients():
