@@ -43,15 +43,16 @@ def _tasks(num_tasks=5, per_task=(60, 30, 90, 45, 75), d=8, seed=0):
     return g, labels, task_ids, ~val_mask, val_mask
 
 
+@pytest.mark.parametrize("method", ["newton", "lbfgs"])  # rows gathered per subset / masked shared rows
 @pytest.mark.parametrize("balance", [False, True])
-def test_estimates_match_sklearn_fits_subset_by_subset(balance):
+def test_estimates_match_sklearn_fits_subset_by_subset(balance, method):
     g, labels, task_ids, train, val = _tasks()
     subsets = affinity.sample_subsets(5, 6, fraction=0.4, seed=1)
     weights = affinity.balancing_weights(task_ids, train, 5) if balance else np.ones(len(labels), np.float32)
     l2 = 0.5
     est = affinity.estimate_subsets(jnp.array(g), jnp.zeros(len(labels)), jnp.array(labels), jnp.array(task_ids),
                                     jnp.array(train), jnp.array(val), jnp.array(subsets), l2=l2,
-                                    example_weights=jnp.array(weights))
+                                    example_weights=jnp.array(weights), method=method)
     assert bool(est.solution.converged.all())
     for s, members in enumerate(subsets):
         rows = train & members[task_ids]
