@@ -116,6 +116,19 @@ def _objective_fns(g: jax.Array, labels: jax.Array, w: jax.Array, l2: float, bin
     return value, gradient
 
 
+def _grid_step(value: Callable, theta: jax.Array, z: jax.Array, delta: jax.Array, dz: jax.Array, val: jax.Array,
+               slope: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(t, F(θ + tΔ)): the largest t in {1, 1/2, ..., 1/2048} with F(θ + tΔ) ≤ F(θ) +
+    10⁻⁴·t·slope + 8·eps·|F| (the last term is F's rounding, so near the optimum t = 1),
+    else the t of the lowest F. z moves along dz = G·Δ, so every t costs O(n·K)."""
+    steps = _STEP_SIZES.astype(z.dtype)
+    values = jax.vmap(lambda t: value(z + t * dz, theta + t * delta))(steps)
+    noise = _FLOAT_NOISE * jnp.finfo(z.dtype).eps * jnp.abs(val)
+    accept = values <= val + _ARMIJO * steps * slope + noise
+    first = jnp.where(jnp.any(accept), jnp.argmax(accept), jnp.argmin(values))
+    return steps[first], values[first]
+
+
 def newton(
     features: jax.Array,
     offsets: jax.Array,
@@ -149,15 +162,11 @@ def newton(
         delta = -jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(hess, lower=True), grad)
         dz = jnp.einsum("nkd,d->nk", g, delta)
         slope = jnp.vdot(grad, delta)
-        values = jax.vmap(lambda t: value(z + t * dz, theta + t * delta))(_STEP_SIZES)
-        noise = _FLOAT_NOISE * jnp.finfo(g.dtype).eps * jnp.abs(val)  # F's resolution: near the optimum t = 1
-        accept = values <= val + _ARMIJO * _STEP_SIZES * slope + noise
-        first = jnp.where(jnp.any(accept), jnp.argmax(accept), jnp.argmin(values))
-        t = _STEP_SIZES[first]
+        t, new_val = _grid_step(value, theta, z, delta, dz, val, slope)
         theta, z = theta + t * delta, z + t * dz
         new_gap = -0.5 * slope
         floor = (new_gap > 0.25 * gap) & (new_gap <= 1e-6 * val0)  # no quadratic progress left: float precision
-        return theta, z, gradient(z, theta), values[first], new_gap, floor, it + 1
+        return theta, z, gradient(z, theta), new_val, new_gap, floor, it + 1
 
     theta0 = jnp.zeros((d,), g.dtype)
     grad0 = gradient(o, theta0)
@@ -194,8 +203,8 @@ def lbfgs(
     a vmapped batch of problems runs in lockstep (a zoom line search per problem would not)."""
     g, o, binary = _as_multiclass(features, offsets)
     d = g.shape[-1]
-    steps = _STEP_SIZES.astype(g.dtype)
-    value, gradient = _objective_fns(g, labels, weights.astype(g.dtype), l2, binary)
+    w = weights.astype(g.dtype)
+    value, gradient = _objective_fns(g, labels, w, l2, binary)
 
     def direction(grad, s_hist, y_hist, rho, gamma, newest):
         order = (newest - jnp.arange(memory_size)) % memory_size  # newest pair first; empty slots have rho 0
@@ -218,12 +227,9 @@ def lbfgs(
         delta = direction(grad, s_hist, y_hist, rho, gamma, (pairs - 1) % memory_size)
         dz = jnp.einsum("nkd,d->nk", g, delta)
         slope = jnp.vdot(grad, delta)
-        values = jax.vmap(lambda t: value(z + t * dz, theta + t * delta))(steps)
-        noise = _FLOAT_NOISE * jnp.finfo(g.dtype).eps * jnp.abs(val)
-        accept = values <= val + _ARMIJO * steps * slope + noise
-        first = jnp.where(jnp.any(accept), jnp.argmax(accept), jnp.argmin(values))
-        new_theta = theta + steps[first] * delta
-        new_z = o + jnp.einsum("nkd,d->nk", g, new_theta)  # exact: accumulated z + t·dz drifts over hundreds of steps
+        t, new_val = _grid_step(value, theta, z, delta, dz, val, slope)
+        new_theta = theta + t * delta
+        new_z = predictions(new_theta, g, o)  # exact: accumulated z + t·dz drifts over hundreds of steps
         new_grad = gradient(new_z, new_theta)
         s, y = new_theta - theta, new_grad - grad
         sy, yy = jnp.vdot(s, y), jnp.vdot(y, y)
@@ -233,13 +239,13 @@ def lbfgs(
         y_hist = jnp.where(keep, y_hist.at[slot].set(y), y_hist)
         rho = jnp.where(keep, rho.at[slot].set(1.0 / jnp.where(keep, sy, 1.0)), rho)
         gamma = jnp.where(keep, sy / jnp.where(keep, yy, 1.0), gamma)
-        return new_theta, new_z, new_grad, values[first], s_hist, y_hist, rho, gamma, pairs + keep, it + 1
+        return new_theta, new_z, new_grad, new_val, s_hist, y_hist, rho, gamma, pairs + keep, it + 1
 
     theta0 = jnp.zeros((d,), g.dtype)
     grad0 = gradient(o, theta0)
     norm0 = jnp.linalg.norm(grad0)
     bound = 0.25 if binary else 0.5
-    curvature = bound * jnp.sum(weights * jnp.sum(jnp.einsum("nkd,d->nk", g, grad0) ** 2, axis=1)) + 2.0 * l2 * norm0**2
+    curvature = bound * jnp.sum(w * jnp.sum(jnp.einsum("nkd,d->nk", g, grad0) ** 2, axis=1)) + 2.0 * l2 * norm0**2
     gamma0 = jnp.where(norm0 > 0, norm0**2 / jnp.where(norm0 > 0, curvature, 1.0), 1.0)
     history = jnp.zeros((memory_size, d), g.dtype)
     carry = (theta0, o, grad0, value(o, theta0), history, history, jnp.zeros((memory_size,), g.dtype),
