@@ -18,7 +18,7 @@ from jax_ensemble.errors import ConfigError, JaxEnsembleError
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from jax_ensemble.config import ModelConfig
-    from jax_ensemble.generate import greedy_generate
+    from jax_ensemble.models.generate import greedy_generate
     from jax_ensemble.models.loading import load_pretrained
 
     ModelConfig(source=args.model, base_dtype=args.base_dtype)
@@ -52,7 +52,7 @@ def _tasks_config(args: argparse.Namespace):
 
 
 def _cmd_data_list(args: argparse.Namespace) -> int:
-    from jax_ensemble.tasks import load_suite
+    from jax_ensemble.data import load_suite
 
     config = _tasks_config(args)
     summaries = [t.summary() for t in load_suite(config.tasks)]
@@ -67,7 +67,7 @@ def _cmd_data_list(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_show(args: argparse.Namespace) -> int:
-    from jax_ensemble.tasks import load_task, render_prompt
+    from jax_ensemble.data import load_task, render_prompt
 
     config = _tasks_config(args)
     task = load_task(args.task, config.tasks)
@@ -89,9 +89,9 @@ def _cmd_data_show(args: argparse.Namespace) -> int:
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from jax_ensemble.data import load_suite
     from jax_ensemble.models.loading import load_pretrained
-    from jax_ensemble.tasks import load_suite
-    from jax_ensemble.tasks.zero_shot import evaluate_zero_shot
+    from jax_ensemble.stages.zero_shot import evaluate_zero_shot
 
     if not args.zero_shot:
         raise ConfigError("evaluate needs a mode: --zero-shot (the base model on each task's label words)")
@@ -115,7 +115,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_gradients(args: argparse.Namespace) -> int:
     from jax_ensemble.config import load_config
-    from jax_ensemble.gradient_stage import gradient_stage
+    from jax_ensemble.stages.gradients import gradient_stage
 
     directory = gradient_stage(load_config(args.config, args.overrides))
     manifest = json.loads((directory / "manifest.json").read_text())
@@ -132,8 +132,8 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from jax_ensemble.affinity_stage import affinity_stage
     from jax_ensemble.config import load_config
+    from jax_ensemble.stages.grouping import affinity_stage
 
     directory = affinity_stage(load_config(args.config, args.overrides))
     stage = json.loads((directory / "affinity.json").read_text())
@@ -149,8 +149,8 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from jax_ensemble.affinity_stage import grouping_stage
     from jax_ensemble.config import load_config
+    from jax_ensemble.stages.grouping import grouping_stage
 
     summary = grouping_stage(load_config(args.config, args.overrides))
     if args.json:
@@ -168,7 +168,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
 def _cmd_validate_estimates(args: argparse.Namespace) -> int:
     from jax_ensemble.config import load_config
-    from jax_ensemble.estimate_validation import PREDICTORS, validate_estimates
+    from jax_ensemble.stages.estimate_validation import PREDICTORS, validate_estimates
 
     summary = validate_estimates(load_config(args.config, args.overrides), args.subsets)
     if args.json:
@@ -205,7 +205,7 @@ def _cmd_validate_estimates(args: argparse.Namespace) -> int:
 
 
 def _cmd_uq(args: argparse.Namespace) -> int:
-    from jax_ensemble.uq import run_uq
+    from jax_ensemble.stages.uq import run_uq
 
     summary = run_uq(_tasks_config(args))
     if args.json:
@@ -223,7 +223,7 @@ def _cmd_uq(args: argparse.Namespace) -> int:
 
 def _cmd_linearization_error(args: argparse.Namespace) -> int:
     from jax_ensemble.config import load_config
-    from jax_ensemble.linearization_study import format_table, run_study, study_outputs
+    from jax_ensemble.stages.linearization_study import format_table, run_study, study_outputs
 
     config = load_config(args.config, args.overrides)
     result = run_study(config)
@@ -238,12 +238,12 @@ def _cmd_linearization_error(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from jax_ensemble.config import load_config
-    from jax_ensemble.training_stage import train_on_tasks
+    from jax_ensemble.stages.train_tasks import adapter_on_tasks
 
     config = load_config(args.config, args.overrides)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     out = args.out or config.resolved_run_dir() / "train"
-    summary = train_on_tasks(config, tasks, out)
+    summary = adapter_on_tasks(config, tasks, out)
     if args.json:
         print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
         return 0

@@ -22,10 +22,18 @@ from typing import Any
 
 import yaml
 
-from jax_ensemble.errors import ConfigError
-
-BASE_DTYPES = ("int8", "bfloat16", "float32")
-COMPUTE_DTYPES = ("float32", "bfloat16")
+from jax_ensemble.core.affinity import AFFINITY_METRICS
+from jax_ensemble.core.clustering import METHODS as CLUSTERING_METHODS
+from jax_ensemble.core.clustering import SDP_SOLVERS
+from jax_ensemble.core.ensemble import WEIGHTS_SOLVERS
+from jax_ensemble.core.linearize import STRATEGIES
+from jax_ensemble.core.projection import PROJECTION_KINDS
+from jax_ensemble.core.solvers import METHODS as SOLVER_METHODS
+from jax_ensemble.data.suites import TasksConfig
+from jax_ensemble.errors import ConfigError, check_choice
+from jax_ensemble.models.layers import BASE_DTYPES, COMPUTE_DTYPES
+from jax_ensemble.models.lora import LoRAConfig
+from jax_ensemble.training.settings import MeshConfig, TrainingConfig, check_batch_divisible
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,162 +52,14 @@ class ModelConfig:
     compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        _check_choice("model.base_dtype", self.base_dtype, BASE_DTYPES)
-        _check_choice("model.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        check_choice("model.base_dtype", self.base_dtype, BASE_DTYPES)
+        check_choice("model.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
         if not self.source:
             raise ConfigError("model.source is empty: give a registry name, a local path or a hub id")
 
 
-@dataclasses.dataclass(frozen=True)
-class LoRAConfig:
-    """LoRA adapters: ``W x + (alpha / rank) * B A x`` on every module whose dotted
-    path (e.g. ``layers.self_attn.q_proj``) fully matches ``target_modules``.
-    Defaults follow the paper: rank 4, alpha 32, on the q/k/v projections."""
-
-    rank: int = 4
-    alpha: float = 32.0
-    dropout: float = 0.0
-    target_modules: str = r".*\.(q_proj|k_proj|v_proj)"
-
-    def __post_init__(self) -> None:
-        if self.rank < 1:
-            raise ConfigError(f"lora.rank must be >= 1, got {self.rank}")
-        if self.alpha <= 0:
-            raise ConfigError(f"lora.alpha must be > 0, got {self.alpha}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"lora.dropout must be in [0, 1), got {self.dropout}")
-        try:
-            re.compile(self.target_modules)
-        except re.error as e:
-            raise ConfigError(f"lora.target_modules is not a valid regex: {e}") from None
 
 
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Device mesh ``(data, fsdp, tensor)`` and the multi-host launch.
-
-    Axis sizes multiply to the number of devices (over all processes); one size may be
-    -1, meaning "every device the other axes leave". ``data`` and ``fsdp`` both split the
-    batch; ``fsdp`` also shards the frozen base and the LoRA/optimizer state over the
-    input dimension, ``tensor`` over the output dimension.
-
-    coordinator_address: ``""`` (one process), ``"auto"`` (let ``jax.distributed``
-      detect the cluster: TPU pods, SLURM, Open MPI) or ``"host:port"`` of process 0,
-      with ``num_processes`` and this process's ``process_id``.
-    """
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    coordinator_address: str = ""
-    num_processes: int = 1
-    process_id: int = 0
-
-    def __post_init__(self) -> None:
-        sizes = {"mesh.data": self.data, "mesh.fsdp": self.fsdp, "mesh.tensor": self.tensor}
-        for key, size in sizes.items():
-            if size == 0 or size < -1:
-                raise ConfigError(f"{key} must be >= 1 or -1 (all remaining devices), got {size}")
-        if list(sizes.values()).count(-1) > 1:
-            raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
-        if self.num_processes < 1:
-            raise ConfigError(f"mesh.num_processes must be >= 1, got {self.num_processes}")
-        if not 0 <= self.process_id < self.num_processes:
-            raise ConfigError(
-                f"mesh.process_id must be in [0, {self.num_processes}), got {self.process_id}"
-            )
-
-    def batch_shards(self) -> int | None:
-        """How many ways a batch is split (data × fsdp), or None while a -1 is unresolved."""
-        return None if -1 in (self.data, self.fsdp) else self.data * self.fsdp
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainingConfig:
-    """LoRA training: AdamW on the LoRA parameters only.
-
-    ``batch_size`` examples per optimizer step, in ``grad_accum_steps`` micro-batches of
-    ``batch_size / grad_accum_steps`` (each divisible by mesh data × fsdp). Length is
-    ``max_steps`` if > 0, else ``ceil(epochs · train examples / batch_size)``. The
-    learning rate warms up linearly from 0 over ``warmup_steps``, then decays to 0 on a
-    cosine. ``max_grad_norm`` clips the global gradient norm (0: off). Validation every
-    ``eval_every`` steps and at the end; training stops after ``patience`` evaluations
-    without a lower validation loss (0: never) and keeps the best adapter. Checkpoints
-    every ``checkpoint_every`` steps and at the end, the last ``keep_last`` kept.
-    """
-
-    learning_rate: float = 5e-4
-    warmup_steps: int = 10
-    max_steps: int = 0
-    epochs: float = 1.0
-    batch_size: int = 8
-    grad_accum_steps: int = 1
-    max_grad_norm: float = 1.0
-    weight_decay: float = 0.0
-    eval_every: int = 50
-    eval_batch_size: int = 16
-    patience: int = 0
-    checkpoint_every: int = 50
-    keep_last: int = 2
-
-    def __post_init__(self) -> None:
-        if self.learning_rate <= 0:
-            raise ConfigError(f"training.learning_rate must be > 0, got {self.learning_rate}")
-        if self.batch_size < 1 or self.grad_accum_steps < 1 or self.eval_batch_size < 1:
-            raise ConfigError("training.batch_size, grad_accum_steps and eval_batch_size must be >= 1")
-        if self.batch_size % self.grad_accum_steps:
-            raise ConfigError(
-                f"training.batch_size={self.batch_size} is not divisible by "
-                f"training.grad_accum_steps={self.grad_accum_steps}"
-            )
-        if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
-            raise ConfigError("training.max_steps must be > 0, or training.epochs > 0 with max_steps 0")
-        for key in ("warmup_steps", "patience"):
-            if getattr(self, key) < 0:
-                raise ConfigError(f"training.{key} must be >= 0, got {getattr(self, key)}")
-        for key in ("eval_every", "checkpoint_every", "keep_last"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"training.{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise ConfigError("training.max_grad_norm and training.weight_decay must be >= 0")
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.batch_size // self.grad_accum_steps
-
-
-@dataclasses.dataclass(frozen=True)
-class TasksConfig:
-    """Which tasks, how they are split and tokenized.
-
-    suite: a suite name (``offline10``, ``superglue10``) or a suite YAML file.
-    train_size / validation_size / test_size: examples per task in each split (stratified,
-      deterministic for ``split_seed``; scaled down together when a task has fewer).
-    max_length: tokens per prompt; longer prompts lose tokens from the left (the answer
-      position is kept). Batches are padded to the smallest of 32, 64, 128, ... (capped at
-      max_length) that fits, so jit compiles few shapes.
-    batch_size: examples per evaluation batch (padding rows have weight 0).
-    hub_mirror: a local directory with ``<task>/<split>.jsonl`` in the hub's schema, read
-      instead of the Hugging Face hub (``superglue10`` where the hub is unreachable).
-    """
-
-    suite: str = "offline10"
-    train_size: int = 200
-    validation_size: int = 50
-    test_size: int = 100
-    split_seed: int = 0
-    max_length: int = 128
-    batch_size: int = 16
-    hub_mirror: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.suite:
-            raise ConfigError("tasks.suite is empty: give offline10, superglue10 or a suite .yaml file")
-        for key in ("train_size", "validation_size", "test_size", "batch_size"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"tasks.{key} must be >= 1, got {getattr(self, key)}")
-        if self.max_length < 8:
-            raise ConfigError(f"tasks.max_length must be >= 8, got {self.max_length}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +86,8 @@ class GradientsConfig:
     memory_budget_mb: int = 1024
 
     def __post_init__(self) -> None:
-        _check_choice("gradients.kind", self.kind, ("rademacher", "gaussian"))
-        _check_choice("gradients.strategy", self.strategy, ("reverse", "forward", "auto"))
+        check_choice("gradients.kind", self.kind, PROJECTION_KINDS)
+        check_choice("gradients.strategy", self.strategy, STRATEGIES)
         for key in ("dim", "block_rows", "direction_chunk", "batch_size", "shard_examples", "memory_budget_mb"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"gradients.{key} must be >= 1, got {getattr(self, key)}")
@@ -291,8 +151,8 @@ class AffinityConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("affinity.solver", self.solver, ("auto", "newton", "lbfgs"))
-        _check_choice("affinity.metric", self.metric, ("loss", "accuracy"))
+        check_choice("affinity.solver", self.solver, SOLVER_METHODS)
+        check_choice("affinity.metric", self.metric, AFFINITY_METRICS)
         if self.num_subsets < 1:
             raise ConfigError(f"affinity.num_subsets must be >= 1, got {self.num_subsets}")
         if not 0.0 < self.subset_fraction <= 1.0:
@@ -316,8 +176,8 @@ class ClusteringConfig:
     solver: str = "CLARABEL"
 
     def __post_init__(self) -> None:
-        _check_choice("clustering.method", self.method, ("sdp", "spectral", "random", "one", "each"))
-        _check_choice("clustering.solver", self.solver, ("CLARABEL", "SCS"))
+        check_choice("clustering.method", self.method, CLUSTERING_METHODS)
+        check_choice("clustering.solver", self.solver, SDP_SOLVERS)
         if self.num_groups < 0:
             raise ConfigError(f"clustering.num_groups must be >= 0 (0: eigengap), got {self.num_groups}")
 
@@ -382,7 +242,7 @@ class EnsembleConfig:
             raise ConfigError(f"ensemble.boosting_steps must be >= 0, got {self.boosting_steps}")
         if not 0.0 < self.step_size <= 1.0:
             raise ConfigError(f"ensemble.step_size must be in (0, 1], got {self.step_size}")
-        _check_choice("ensemble.weights_solver", self.weights_solver, ("CLARABEL", "SCS"))
+        check_choice("ensemble.weights_solver", self.weights_solver, WEIGHTS_SOLVERS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -413,19 +273,6 @@ class Config:
         return Path(self.run_dir) if self.run_dir else Path("runs") / self.name
 
 
-def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
-
-
-def check_batch_divisible(training: TrainingConfig, batch_shards: int | None) -> None:
-    """ConfigError unless each micro-batch splits evenly over the ``batch_shards`` data axes."""
-    if batch_shards and training.micro_batch_size % batch_shards:
-        raise ConfigError(
-            f"training.batch_size={training.batch_size} (micro-batch {training.micro_batch_size} after "
-            f"grad_accum_steps={training.grad_accum_steps}) is not divisible by the mesh's data axes "
-            f"(mesh.data x mesh.fsdp = {batch_shards})"
-        )
 
 
 def _field_types(cls: type) -> dict[str, Any]:

@@ -36,3 +36,9 @@ class NumericalError(JaxEnsembleError):
 
 class SolverError(JaxEnsembleError):
     """A numerical solver (e.g. the grouping SDP) did not reach an optimal solution."""
+
+
+def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    """ConfigError naming ``key`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")

@@ -3,7 +3,7 @@
 1. ``model``: load the model (int8/bf16/f32 base), attach LoRA, check that B = 0 leaves
    the logits unchanged, greedy-complete the sanity prompt (``model.json``);
 2. ``grouping``: projected gradients → subset estimates → affinity → SDP groups
-   (:mod:`jax_ensemble.gradient_stage`, :mod:`jax_ensemble.affinity_stage`; cached);
+   (:mod:`jax_ensemble.stages.gradients`, :mod:`jax_ensemble.stages.grouping`; cached);
 3. ``training``: one adapter per group, the same number of random groups, and one adapter
    on all tasks (the single-adapter baseline), each with orbax checkpoints under
    ``adapters/<name>/`` (a finished adapter is restored, a killed one resumes);
@@ -18,7 +18,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 import time
@@ -27,56 +26,31 @@ from typing import Any, Sequence
 
 import datasets
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jax_ensemble import accounting, clustering, ensemble as ens
-from jax_ensemble.affinity_stage import grouping_stage
 from jax_ensemble.config import Config, config_hash, config_to_dict
-from jax_ensemble.estimate_validation import find_validation
-from jax_ensemble.generate import greedy_generate
-from jax_ensemble.lora import apply_lora, count_parameters, split_lora
-from jax_ensemble.lora_ensembles import stack_trees
-from jax_ensemble.models.loading import load_pretrained
-from jax_ensemble.peft_export import export_peft_adapter
+from jax_ensemble.core import clustering
+from jax_ensemble.core import ensemble as ensemble_maths
+from jax_ensemble.core.batch import Table
+from jax_ensemble.core.trees import stack_trees, zeros_like_member
+from jax_ensemble.models.peft_export import export_peft_adapter
 from jax_ensemble.report import write_report
-from jax_ensemble.storage import atomic_write_json
-from jax_ensemble.suite_training import suite_tables, train_named_adapters
-from jax_ensemble.tasks.tables import Table
-from jax_ensemble.training import total_steps
+from jax_ensemble.stages import accounting
+from jax_ensemble.stages.adapters import adapter_fingerprint, adapters_for_plan, suite_tables
+from jax_ensemble.stages.ensemble import boost_trained, ensemble_table_logits, stacked_table_logits
+from jax_ensemble.stages.estimate_validation import find_validation
+from jax_ensemble.stages.grouping import grouping_stage
+from jax_ensemble.stages.model import load_run_model
+from jax_ensemble.storage.atomic import atomic_write_json
+from jax_ensemble.training.engine import total_steps
+from jax_ensemble.training.mesh import make_mesh
 
 STAGES = 6
 
 
 def _log(step: int, message: str) -> None:
     print(f"[{step}/{STAGES}] {message}", file=sys.stderr, flush=True)
-
-
-def model_stage(config: Config) -> dict[str, Any]:
-    """Load, adapt and sanity-check the model; return the stage's JSON-able summary."""
-    start = time.perf_counter()
-    model, tokenizer = load_pretrained(
-        config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype
-    )
-    load_seconds = time.perf_counter() - start
-    probe = jnp.array([tokenizer.encode(config.sanity_prompt)])
-    base_logits = np.asarray(model(probe, logit_positions=jnp.array([probe.shape[1] - 1])))
-    targets = apply_lora(model, config.lora, jax.random.key(config.seed))
-    adapted_logits = np.asarray(model(probe, logit_positions=jnp.array([probe.shape[1] - 1])))
-    generation = greedy_generate(model, tokenizer, config.sanity_prompt, max_new_tokens=4)
-    return {
-        "source": config.model.source,
-        "base_dtype": config.model.base_dtype,
-        "compute_dtype": config.model.compute_dtype,
-        "architecture": dataclasses.asdict(model.config),
-        "lora_targets": targets,
-        "parameters": count_parameters(model).as_dict(),
-        "lora_b0_max_abs_logit_change": float(np.max(np.abs(adapted_logits - base_logits))),
-        "sanity_prompt": config.sanity_prompt,
-        "sanity_completion": generation.completion,
-        "load_seconds": round(load_seconds, 2),
-    }
 
 
 def per_task_accuracy(logits: np.ndarray, table: Table, names: Sequence[str]) -> dict[str, float]:
@@ -129,7 +103,9 @@ def run(config: Config) -> Path:
     started = time.perf_counter()
 
     _log(1, f"model: {config.model.source} with a {config.model.base_dtype} base, LoRA sanity check")
-    summary = model_stage(config)
+    loaded = load_run_model(config)
+    summary = loaded.summary
+    graphdef, lora0, base, tokenizer = loaded.graphdef, loaded.lora0, loaded.base, loaded.tokenizer
     atomic_write_json(run_dir / "model.json", summary)
     p = summary["parameters"]
     print(f"model: {config.model.source}, base {config.model.base_dtype} ({p['base_bytes'] / 2**20:.0f} MiB), "
@@ -137,7 +113,7 @@ def run(config: Config) -> Path:
           f"sanity {config.sanity_prompt!r} -> {summary['sanity_completion']!r}")
 
     _log(2, "grouping: projected gradients -> subset estimates -> affinity -> groups (cached stages)")
-    grouping = grouping_stage(config)
+    grouping = grouping_stage(config, model=loaded)
     affinity = json.loads((Path(grouping["affinity_dir"]) / "affinity.json").read_text())
     names = affinity["tasks"]
     index = {name: i for i, name in enumerate(names)}
@@ -145,12 +121,6 @@ def run(config: Config) -> Path:
     print(f"groups ({grouping['method']}): " + " | ".join(", ".join(g) for g in grouping["groups"]))
 
     _log(3, "training: one adapter per group, random groups, and one adapter on all tasks")
-    model, tokenizer = load_pretrained(config.model.source, base_dtype=config.model.base_dtype,
-                                       compute_dtype=config.model.compute_dtype)
-    apply_lora(model, config.lora, jax.random.key(config.seed))
-    graphdef, lora0, base = split_lora(model)
-    arch = model.config
-    del model
     tables = suite_tables(config, tokenizer, names)
     plan = {"single": list(range(len(names)))}
     plan.update({f"group-{g}": ids for g, ids in enumerate(groups)})
@@ -160,26 +130,29 @@ def run(config: Config) -> Path:
                                            num_groups=len(groups), seed=config.seed).labels
         random_groups = [np.flatnonzero(random_labels == g).tolist() for g in range(len(groups))]
         plan.update({f"random-{g}": ids for g, ids in enumerate(random_groups)})
-    adapters = train_named_adapters(config, plan, graphdef, lora0, base, tables, names, log=lambda m: _log(3, m))
+    adapters = adapters_for_plan(config, plan, graphdef, lora0, base, tables, names, log=lambda m: _log(3, m))
 
     _log(4, f"ensemble: convex weights per task, {config.ensemble.boosting_steps} boosting step(s)")
     bs = config.tasks.batch_size
     val = tables["validation"]
 
-    def weighted(prefix: str, count: int) -> ens.Ensemble:
+    def weighted(prefix: str, count: int) -> tuple[ensemble_maths.Ensemble, np.ndarray]:
         members = stack_trees([adapters[f"{prefix}-{g}"]["lora"] for g in range(count)])
-        logits = ens.stacked_table_logits(graphdef, members, base, val, bs)
-        alpha = ens.fit_ensemble_weights(logits, val["label"], val["weight"], val["task_index"], len(names),
-                                         per_task=config.ensemble.per_task_weights,
-                                         solver=config.ensemble.weights_solver)
-        return ens.make_ensemble(members, alpha)
+        logits = stacked_table_logits(graphdef, members, base, val, bs)
+        alpha = ensemble_maths.fit_ensemble_weights(
+            logits, val["label"], val["weight"], val["task_index"], len(names),
+            per_task=config.ensemble.per_task_weights, solver=config.ensemble.weights_solver)
+        return ensemble_maths.make_ensemble(members, alpha), logits
 
-    grouped = weighted("group", len(groups))
+    grouped, group_val_logits = weighted("group", len(groups))
     chosen: list[int] = []
     if config.ensemble.boosting_steps:
-        grouped, chosen = ens.boost_trained(graphdef, grouped, lora0, base, tables["train"], groups, config.training,
-                                            steps=config.ensemble.boosting_steps, step_size=config.ensemble.step_size,
-                                            seed=config.seed, batch_size=bs)
+        grouped, chosen = boost_trained(
+            graphdef, grouped, lora0, base, tables["train"], groups, config.training, make_mesh(config.mesh),
+            steps=config.ensemble.boosting_steps, step_size=config.ensemble.step_size, seed=config.seed,
+            batch_size=bs, validation=val, validation_member_logits=group_val_logits,
+            run_dir=run_dir / "adapters", fingerprint={**adapter_fingerprint(config, names), "groups": groups},
+            progress=True)
         for r, g in enumerate(chosen):
             group_rows = int(np.isin(tables["train"]["task_index"], groups[g]).sum())
             adapters[f"boost-{r}"] = {"lora": jax.tree.map(lambda x: x[r], grouped.boosters),
@@ -188,19 +161,19 @@ def run(config: Config) -> Path:
 
     _log(5, "evaluation: per-task test accuracy")
     test = tables["test"]
-    single = ens.stacked_table_logits(graphdef, stack_trees([adapters["single"]["lora"]]), base, test, bs)[0]
-    zero = ens.stacked_table_logits(graphdef, stack_trees([ens.zero_adapter(stack_trees([lora0]))]), base, test, bs)[0]
+    single = stacked_table_logits(graphdef, stack_trees([adapters["single"]["lora"]]), base, test, bs)[0]
+    zero = stacked_table_logits(graphdef, stack_trees([zeros_like_member(stack_trees([lora0]))]), base, test, bs)[0]
     per_task = {
         "zero_shot": per_task_accuracy(zero, test, names),
         "single_adapter": per_task_accuracy(single, test, names),
-        "ensemble": per_task_accuracy(ens.ensemble_table_logits(graphdef, grouped, base, test, bs), test, names),
+        "ensemble": per_task_accuracy(ensemble_table_logits(graphdef, grouped, base, test, bs), test, names),
     }
     if random_groups:
-        random_ensemble = weighted("random", len(random_groups))
+        random_ensemble, _ = weighted("random", len(random_groups))
         per_task["random_groups"] = per_task_accuracy(
-            ens.ensemble_table_logits(graphdef, random_ensemble, base, test, bs), test, names)
+            ensemble_table_logits(graphdef, random_ensemble, base, test, bs), test, names)
     average = {method: float(np.mean(list(acc.values()))) for method, acc in per_task.items()}
-    flops = compute_flops(config, arch, tables, adapters, affinity, len(groups), len(chosen))
+    flops = compute_flops(config, loaded.architecture, tables, adapters, affinity, len(groups), len(chosen))
 
     _log(6, "report: metrics.json, report.md, PNGs, PEFT adapters")
     for name, adapter in adapters.items():

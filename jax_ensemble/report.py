@@ -8,7 +8,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from jax_ensemble.figures import png_bytes, pyplot
-from jax_ensemble.storage import atomic_write_bytes, atomic_write_json
+from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 
 METHODS = ("zero_shot", "single_adapter", "random_groups", "ensemble")
 

@@ -16,7 +16,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_ensemble.quantization import quantize_int8
+from jax_ensemble.models.quantization import quantize_int8
+
+BASE_DTYPES = ("int8", "bfloat16", "float32")
+"""Storage of the frozen base weights."""
+COMPUTE_DTYPES = ("float32", "bfloat16")
+"""Dtype of activations and matmuls."""
 
 
 class QuantizedWeight(nnx.Variable):
@@ -37,7 +42,7 @@ class Linear(nnx.Module):
     """``y = x W + (alpha / r) · dropout(x) A B`` with W (in, out), A (in, r), B (r, out).
 
     In int8 mode ``W = q · s`` with one scale per output channel, applied after the
-    matmul: ``x W = (x q) · s``. LoRA is attached by :func:`jax_ensemble.lora.apply_lora`.
+    matmul: ``x W = (x q) · s``. LoRA is attached by :func:`jax_ensemble.models.lora.apply_lora`.
     """
 
     def __init__(

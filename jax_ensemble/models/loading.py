@@ -7,8 +7,8 @@ from pathlib import Path
 
 from jax_ensemble.errors import CheckpointError
 from jax_ensemble.models.checkpoint_files import GGUFFile, SafetensorsFiles
-from jax_ensemble.models.llama import LlamaConfig, LlamaForCausalLM
-from jax_ensemble.models.params import load_llama
+from jax_ensemble.models.llama.modeling import LlamaConfig, LlamaForCausalLM
+from jax_ensemble.models.llama.params import load_llama
 from jax_ensemble.models.sources import resolve_model_files
 from jax_ensemble.models.tokenizer import Tokenizer, tokenizer_from_gguf, tokenizer_from_json
 

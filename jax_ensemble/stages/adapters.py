@@ -1,0 +1,87 @@
+"""Adapters on chosen task sets of a suite, shared by the main job and ``validate-estimates``.
+
+:func:`suite_tables` tokenizes the suite's splits into one table each (rows carry their
+task's position in ``names`` as ``task_index``); :func:`adapters_for_plan` trains one
+adapter per named task set with the training stage's settings, each with orbax
+checkpoints under ``<run_dir>/adapters/<name>/`` fingerprinted by what determines it
+(model, LoRA, tasks, training, seed — not the mesh or later stages' settings), so a
+finished adapter is restored and a killed one resumes, whichever command asks for it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from jax_ensemble.config import Config, config_to_dict
+from jax_ensemble.data import load_suite, tokenize_split
+from jax_ensemble.data.tables import Table, training_table
+from jax_ensemble.models.tokenizer import Tokenizer
+from jax_ensemble.training.engine import train
+from jax_ensemble.training.losses import classification_objective
+from jax_ensemble.training.mesh import make_mesh, to_host
+
+
+def suite_tables(config: Config, tokenizer: Tokenizer, names: Sequence[str],
+                 splits: Sequence[str] = ("train", "validation", "test")) -> dict[str, Table]:
+    """split → one table of every task in ``names`` (in that order) of the config's suite."""
+    tasks = {t.name: t for t in load_suite(config.tasks)}
+    return {
+        split: training_table([tokenize_split(tasks[n], split, tokenizer, config.tasks.max_length) for n in names],
+                              pad_id=tokenizer.pad_id, max_length=config.tasks.max_length)
+        for split in splits
+    }
+
+
+def adapter_fingerprint(config: Config, task_names: Sequence[str]) -> dict[str, Any]:
+    """What determines an adapter, stored with its checkpoints: the model, LoRA, task data,
+    training settings and seed, and the tasks it trains on (not the config's name, run
+    directory, mesh or later stages' settings), so ``jax-ensemble train`` and ``run`` share
+    a finished adapter and a renamed config still resumes."""
+    settings = config_to_dict(config)
+    return {"settings": {k: settings[k] for k in ("model", "lora", "tasks", "training", "seed")},
+            "tasks": list(task_names)}
+
+
+def rows_of(table: Table, task_ids: Sequence[int]) -> Table:
+    """The rows of ``table`` whose ``task_index`` is in ``task_ids``."""
+    keep = np.isin(table["task_index"], task_ids)
+    return {k: v[keep] for k, v in table.items()}
+
+
+def training_seconds(history: Sequence[dict[str, Any]]) -> float | None:
+    """Wall seconds of a training run from its per-step records (steps of earlier, resumed
+    invocations included); None when a record predates step timing."""
+    if not all("seconds" in r for r in history):
+        return None
+    return float(sum(r["seconds"] for r in history))
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def adapters_for_plan(config: Config, plan: dict[str, list[int]], graphdef, lora0, base, tables: dict[str, Table],
+                         names: Sequence[str], *, log: Callable[[str], None] = _stderr) -> dict[str, dict[str, Any]]:
+    """Train one adapter per entry of ``plan`` (name → task indices into ``names``) on the
+    rows of ``tables["train"]`` (early stopping on ``tables["validation"]``); returns
+    name → {lora (host arrays), steps, rows, seconds (training wall time, None if unknown), tasks}."""
+    mesh = make_mesh(config.mesh)
+    out = {}
+    for i, (name, task_ids) in enumerate(plan.items()):
+        train_rows, validation = rows_of(tables["train"], task_ids), rows_of(tables["validation"], task_ids)
+        log(f"adapter {i + 1}/{len(plan)} {name!r}: {', '.join(names[t] for t in task_ids)} "
+            f"({len(train_rows['label'])} rows)")
+        result = train(
+            classification_objective(graphdef), lora0, base, train_rows, config.training, mesh, seeds=[config.seed],
+            validation=validation, dropout=config.lora.dropout > 0,
+            run_dir=config.resolved_run_dir() / "adapters" / name,
+            fingerprint=adapter_fingerprint(config, [names[t] for t in task_ids]), desc=name,
+        )
+        seconds = training_seconds(result.history)
+        out[name] = {"lora": to_host(result.lora), "steps": result.step, "rows": int(len(train_rows["label"])),
+                     "seconds": None if seconds is None else round(seconds, 2),
+                     "tasks": [names[t] for t in task_ids]}
+    return out

@@ -1,0 +1,245 @@
+"""Running the grouped ensemble through the model: stacked multi-adapter inference and boosting.
+
+M adapters stacked on a leading axis (:func:`~jax_ensemble.core.trees.stack_trees`) run
+over one shared frozen (int8) base in one jitted, vmapped call; the array-level maths
+(weights, combination, boosting residuals) is :mod:`jax_ensemble.core.ensemble`.
+docs/method.md §7.
+
+- :func:`stacked_label_logits` — z_m(x) for every adapter m (M, B, K); the base is a jit
+  argument, never a constant; :func:`stacked_table_logits` over a whole table.
+- :func:`ensemble_logits` — Σ_m α[t,m] z_m + Σ_j η[j,t] (z_j − z_base): members, boosters
+  and the base model evaluated as one stacked call.
+- :func:`boost` runs boosting rounds with a learner; :func:`boost_trained` trains each
+  learner with the training engine (:func:`jax_ensemble.training.engine.train`, the
+  :func:`~jax_ensemble.training.losses.boosting_objective`: checkpointed, resumable and
+  restored on a rerun when given a run directory); :func:`boost_closed_form` fits a ridge
+  regression of the residuals on projected gradients and maps it back to an adapter
+  θ0 + P·w (:func:`lifted_adapter`).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from jax_ensemble.core.batch import MODEL_KEYS, Batch, Table
+from jax_ensemble.core.ensemble import (
+    DEFAULT_STEP_SIZE,
+    Ensemble,
+    add_booster,
+    boosted_logits,
+    boosting_offsets,
+    combine_logits,
+    group_losses,
+    group_step_sizes,
+    logit_features,
+    residuals,
+    ridge_fit,
+)
+from jax_ensemble.core.projection import Projector, lift
+from jax_ensemble.core.trees import stack_trees, unstack_tree, zeros_like_member
+from jax_ensemble.data.tables import eval_batches
+from jax_ensemble.errors import ConfigError, DataError
+from jax_ensemble.models.classification import lora_label_logits_fn
+from jax_ensemble.models.lora_gradients import lora_feature_split
+from jax_ensemble.stages.gradients import SplitGradients
+from jax_ensemble.training.engine import train
+from jax_ensemble.training.losses import boosting_objective
+from jax_ensemble.training.settings import TrainingConfig
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def stacked_label_logits(graphdef: nnx.GraphDef, stacked_lora: Any, base: nnx.State, batch: Batch) -> jax.Array:
+    """(M, B, K) label logits of the M stacked adapters (leaves (M, …)) over one shared base."""
+    batch = {k: batch[k] for k in MODEL_KEYS}
+    return jax.vmap(lora_label_logits_fn(graphdef), in_axes=(0, None, None))(stacked_lora, base, batch)
+
+
+def table_outputs(fn: Callable[[Batch], jax.Array], table: Table, batch_size: int, axis: int = 0) -> np.ndarray:
+    """``fn`` over ``table`` in batches of ``batch_size`` rows (:func:`eval_batches`: length
+    ordered), put back in table order along the row axis ``axis`` of its output: N rows."""
+    chunks, rows = [], []
+    for batch, batch_rows in eval_batches(table, batch_size):
+        chunks.append(np.asarray(fn(batch)))
+        rows.append(batch_rows)
+    rows = np.concatenate(rows)
+    real = np.flatnonzero(rows >= 0)
+    return np.take(np.concatenate(chunks, axis=axis), real[np.argsort(rows[real])], axis=axis)
+
+
+def stacked_table_logits(graphdef: nnx.GraphDef, stacked_lora: Any, base: nnx.State, table: Table,
+                         batch_size: int) -> np.ndarray:
+    """(M, N, K) label logits of the stacked adapters over every row of ``table``."""
+    return table_outputs(lambda b: stacked_label_logits(graphdef, stacked_lora, base, b), table, batch_size, axis=1)
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def ensemble_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, batch: Batch) -> jax.Array:
+    """(B, K) ensemble logits Σ_m α[t,m] z_m + Σ_j η[j,t] (z_j − z_base), t = batch
+    ``task_index``: members, boosters and the base model evaluated as one stacked call."""
+    m, b = ensemble.weights.shape[1], ensemble.step_sizes.shape[0]
+    everything = jax.tree.map(lambda x, y, z: jnp.concatenate([x, y, z[None]]),
+                              ensemble.members, ensemble.boosters, zeros_like_member(ensemble.members))
+    z = stacked_label_logits(graphdef, everything, base, batch)
+    mixed = combine_logits(z[:m], ensemble.weights, batch["task_index"])
+    return boosted_logits(mixed, z[m:m + b], z[-1], ensemble.step_sizes, batch["task_index"])
+
+
+def ensemble_table_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, table: Table,
+                          batch_size: int) -> np.ndarray:
+    """(N, K) ensemble logits over every row of ``table`` (needs ``task_index``)."""
+    return table_outputs(lambda b: ensemble_logits(graphdef, ensemble, base, b), table, batch_size)
+
+
+class BoostingRound(NamedTuple):
+    """What a boosting learner sees: round ``index``, the chosen ``group``, its training
+    ``rows`` (bool (N,)), the ensemble logits F and base logits z_base (N, K) of the
+    training table, and the group's validation rows with their ``offset_logits`` F − z_base
+    (None without validation data)."""
+
+    index: int
+    group: int
+    rows: np.ndarray
+    logits: np.ndarray
+    base_logits: np.ndarray
+    validation: Table | None
+
+
+Learner = Callable[[BoostingRound], Any]
+"""``learner(round) -> adapter`` (one adapter, leaves without the member axis)."""
+
+
+def boost(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, train_table: Table,
+          groups: Sequence[Sequence[int]], learner: Learner, *, steps: int, step_size: float = DEFAULT_STEP_SIZE,
+          batch_size: int = 32, validation: Table | None = None,
+          validation_member_logits: np.ndarray | None = None) -> tuple[Ensemble, list[int]]:
+    """``steps`` boosting rounds on the training table (needs ``task_index``): each picks the
+    group g with the highest training loss under the current ensemble (:func:`group_losses`),
+    gets an adapter from ``learner`` for g's rows and adds it with η = ``step_size`` on g's
+    tasks. With ``validation``, each learner also gets g's validation rows with the current
+    ensemble's offsets (``validation_member_logits`` (M, Nv, K): the members' logits there,
+    when already computed). Returns the boosted ensemble and the group chosen in each round."""
+    num_tasks = ensemble.weights.shape[0]
+    zero = stack_trees([zeros_like_member(ensemble.members)])
+    current = ensemble_table_logits(graphdef, ensemble, base, train_table, batch_size)
+    base_logits = stacked_table_logits(graphdef, zero, base, train_table, batch_size)[0]
+    if validation is not None:
+        if validation_member_logits is not None and ensemble.step_sizes.shape[0] == 0:
+            val_current = np.asarray(combine_logits(jnp.asarray(validation_member_logits), ensemble.weights,
+                                                    jnp.asarray(validation["task_index"])))
+        else:
+            val_current = ensemble_table_logits(graphdef, ensemble, base, validation, batch_size)
+        val_base = stacked_table_logits(graphdef, zero, base, validation, batch_size)[0]
+    chosen = []
+    for r in range(steps):
+        g = int(np.argmax(group_losses(current, train_table["label"], train_table["weight"],
+                                       train_table["task_index"], groups)))
+        rows = np.isin(train_table["task_index"], groups[g]) & (train_table["weight"] > 0)
+        val_table = None
+        if validation is not None:
+            keep = np.isin(validation["task_index"], groups[g]) & (validation["weight"] > 0)
+            val_table = {k: v[keep] for k, v in validation.items()}
+            val_table["offset_logits"] = boosting_offsets(val_current[keep], val_base[keep])
+        lora = learner(BoostingRound(r, g, rows, current, base_logits, val_table))
+        etas = group_step_sizes(groups[g], num_tasks, step_size)
+        ensemble = add_booster(ensemble, lora, etas)
+
+        def advance(logits: np.ndarray, table: Table, table_base: np.ndarray) -> np.ndarray:
+            booster = stacked_table_logits(graphdef, stack_trees([lora]), base, table, batch_size)
+            return np.asarray(boosted_logits(jnp.asarray(logits), jnp.asarray(booster), jnp.asarray(table_base),
+                                             jnp.asarray(etas)[None], jnp.asarray(table["task_index"])))
+
+        if r + 1 < steps:
+            current = advance(current, train_table, base_logits)
+            if validation is not None:
+                val_current = advance(val_current, validation, val_base)
+        chosen.append(g)
+    return ensemble, chosen
+
+
+def _check_fresh(init_lora: nnx.State) -> None:
+    if lora_feature_split(init_lora)[2] != "lora_b":
+        raise ConfigError("boosting needs a fresh adapter (every lora_b zero) so that it starts at the base model")
+
+
+def boost_trained(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.State, base: nnx.State,
+                  train_table: Table, groups: Sequence[Sequence[int]], config: TrainingConfig, mesh: Mesh, *,
+                  steps: int = 1, step_size: float = DEFAULT_STEP_SIZE, seed: int = 0, batch_size: int = 32,
+                  validation: Table | None = None, validation_member_logits: np.ndarray | None = None,
+                  run_dir: str | Path | None = None, fingerprint: Mapping[str, Any] | None = None,
+                  progress: bool = True) -> tuple[Ensemble, list[int]]:
+    """Trained boosting (:func:`boost`): each round trains ``init_lora`` (a fresh adapter,
+    B = 0) on the chosen group's rows under the boosting objective with the training
+    engine (``config``; data order and seed ``seed + round``; validation and early
+    stopping on the group's validation rows when given). With ``run_dir`` round r
+    checkpoints under ``run_dir/boost-<r>/`` with ``fingerprint`` plus the round and
+    group, so a rerun restores it instead of training."""
+    _check_fresh(init_lora)
+
+    def learner(round_: BoostingRound) -> Any:
+        table = {k: v[round_.rows] for k, v in train_table.items()}
+        table["offset_logits"] = boosting_offsets(round_.logits[round_.rows], round_.base_logits[round_.rows])
+        result = train(
+            boosting_objective(graphdef), stack_trees([init_lora]), base, table, config, mesh,
+            seeds=[seed + round_.index], stacked=True, validation=round_.validation,
+            run_dir=None if run_dir is None else Path(run_dir) / f"boost-{round_.index}",
+            fingerprint={**dict(fingerprint or {}), "boosting_round": round_.index, "group": list(groups[round_.group]),
+                         "step_size": step_size},
+            progress=progress, desc=f"boost {round_.index + 1}/{steps}",
+        )
+        return unstack_tree(result.lora)[0]
+
+    return boost(graphdef, ensemble, base, train_table, groups, learner, steps=steps, step_size=step_size,
+                 batch_size=batch_size, validation=validation, validation_member_logits=validation_member_logits)
+
+
+def boost_closed_form(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.State, base: nnx.State,
+                      train_table: Table, features: np.ndarray, projector: Projector, groups: Sequence[Sequence[int]],
+                      *, steps: int = 1, step_size: float = DEFAULT_STEP_SIZE, l2: float = 1.0,
+                      batch_size: int = 32) -> tuple[Ensemble, list[int]]:
+    """Closed-form boosting in weight space (:func:`boost`): each round fits w by
+    :func:`~jax_ensemble.core.ensemble.ridge_fit` of the residual onehot(y) − softmax(F) on
+    ``features`` G (N, K, d) (the train rows' projected label-logit gradients at
+    ``init_lora`` = θ0, see :func:`table_features`) over the chosen group's rows, and adds
+    the adapter θ0 + P·w (:func:`lifted_adapter`) run through the network."""
+    _check_fresh(init_lora)
+    if features.shape[:2] != train_table["label_token_ids"].shape:
+        raise DataError(f"closed-form boosting: features {features.shape} do not match the training table's "
+                        f"{train_table['label_token_ids'].shape} rows and choices (see table_features)")
+    g = jnp.asarray(features)
+
+    def learner(round_: BoostingRound) -> Any:
+        weights = jnp.asarray(np.where(round_.rows, train_table["weight"], 0.0))
+        w = ridge_fit(g, residuals(jnp.asarray(round_.logits), jnp.asarray(train_table["label"])), weights, l2)
+        return lifted_adapter(projector, w, init_lora)
+
+    return boost(graphdef, ensemble, base, train_table, groups, learner, steps=steps, step_size=step_size,
+                 batch_size=batch_size)
+
+
+def table_features(splits: Sequence[SplitGradients], width: int) -> np.ndarray:
+    """Label-logit features (N, width, d) of a training table from the gradient stage's splits
+    (:func:`jax_ensemble.stages.gradients.load_gradients`, one per task in the table's task
+    order): each split's :func:`~jax_ensemble.core.ensemble.logit_features`, padded with
+    zero rows for the table's padded choices."""
+    parts = []
+    for split in splits:
+        g = logit_features(split.grads, split.labels)
+        parts.append(np.pad(g, ((0, 0), (0, width - g.shape[1]), (0, 0))))
+    return np.concatenate(parts)
+
+
+def lifted_adapter(projector: Projector, w: np.ndarray, init_lora: nnx.State) -> nnx.State:
+    """The adapter θ0 + P·w: ``init_lora`` (the θ0 the gradients were taken at) with P·w added
+    to its feature leaves (:func:`~jax_ensemble.models.lora_gradients.lora_feature_split`:
+    the B matrices when B = 0)."""
+    features, fixed, _ = lora_feature_split(init_lora)
+    moved = jax.tree.map(jnp.add, features, lift(projector, jnp.asarray(w)))
+    return nnx.merge_state(moved, fixed)

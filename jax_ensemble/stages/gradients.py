@@ -1,0 +1,235 @@
+"""The gradient stage: G (n × d) and base outputs f0 for every train and validation example
+of a task suite, as checksummed shards plus a manifest.
+
+Layout under ``<run_dir>/gradients/<digest of the settings>/``: one safetensors shard per
+``shard_examples`` examples of a task's split, ``<task>/<split>-<i>.safetensors`` (arrays
+``grads`` (n, d) or (n, K, d), ``f0`` (n,) or (n, K), ``label`` (n,), ``example`` (n,)
+split indices), each followed by ``<shard>.sha256``; ``manifest.json`` (model, LoRA config,
+projector, feature space, strategy, dtype, shard list with checksums, and ``timing``: the
+wall seconds of the call that computed ``timed_shards`` of the ``shards``) is written last.
+A rerun skips every shard whose checksum file matches, so a killed run resumes and a
+corrupt shard is recomputed; the same settings give byte-identical shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import safetensors.numpy
+from tqdm import tqdm
+
+from jax_ensemble.config import Config
+from jax_ensemble.core.linearize import forward_flops, resolve_strategy
+from jax_ensemble.core.projection import Projector, make_projector
+from jax_ensemble.errors import CheckpointError, DataError, NumericalError
+from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata, lora_feature_split, lora_output_fn
+from jax_ensemble.stages.model import RunModel, load_run_model
+from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
+
+GRADIENT_SPLITS = ("train", "validation")
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitGradients:
+    """One split of one task: G (n, d) or (n, K, d), f0 (n,) or (n, K), labels (n,)."""
+
+    grads: np.ndarray
+    f0: np.ndarray
+    labels: np.ndarray
+
+
+def gradient_settings(config: Config) -> dict[str, Any]:
+    """Everything that determines G and f0 (hashed into the stage's directory name)."""
+    return {
+        "model": dataclasses.asdict(config.model),
+        "lora": dataclasses.asdict(config.lora),
+        "lora_init_seed": config.seed,
+        "tasks": dataclasses.asdict(config.tasks),
+        "projection": {k: getattr(config.gradients, k) for k in ("dim", "kind", "seed", "block_rows")},
+        "strategy": config.gradients.strategy,
+        "batch_size": config.gradients.batch_size,
+        "shard_examples": config.gradients.shard_examples,
+        "dtype": "float32",
+    }
+
+
+def stage_projector(config: Config, features: Any) -> Projector:
+    """The stage's projector P for the feature leaves ``features`` (regenerated from the
+    config's seed, kind and block size: the P that ``lift`` needs to map ŵ back to θ0 + P·ŵ)."""
+    gc = config.gradients
+    return make_projector(features, gc.dim, seed=gc.seed, kind=gc.kind, block_rows=gc.block_rows)
+
+
+def gradients_dir(config: Config) -> Path:
+    """``<run_dir>/gradients/<digest of gradient_settings>``."""
+    blob = json.dumps(gradient_settings(config), sort_keys=True).encode()
+    return config.resolved_run_dir() / "gradients" / hashlib.sha256(blob).hexdigest()[:16]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _shard_done(path: Path) -> bool:
+    """The shard exists and matches the checksum written after it."""
+    check = path.with_name(path.name + ".sha256")
+    return path.is_file() and check.is_file() and check.read_text().strip() == _sha256(path.read_bytes())
+
+
+def _check_finite(grads: np.ndarray, f0: np.ndarray, task: str, split: str, examples: np.ndarray) -> None:
+    bad = ~(np.isfinite(grads).reshape(len(grads), -1).all(axis=1) & np.isfinite(f0).reshape(len(f0), -1).all(axis=1))
+    if bad.any():
+        raise NumericalError(
+            f"task {task!r} ({split}): NaN/inf in the outputs or projected gradients of {int(bad.sum())} "
+            f"example(s) (first: #{int(examples[bad][0])}); try model.base_dtype=float32 / "
+            "model.compute_dtype=float32 or check those prompts"
+        )
+
+
+def _shard_bytes(grads: np.ndarray, f0: np.ndarray, labels: np.ndarray, examples: np.ndarray) -> bytes:
+    return safetensors.numpy.save(
+        {"grads": grads, "f0": f0, "label": labels, "example": examples.astype(np.int32)},
+        metadata={"format": "jax-ensemble-gradients-v1"},
+    )
+
+
+def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | None = None) -> Path:
+    """Projected gradients G and base outputs f0 of every train and validation example of
+    the suite, written as checksummed shards ``<task>/<split>-<i>.safetensors`` (+ ``.sha256``)
+    and, last, ``manifest.json``. Finished shards are skipped, so a killed run resumes; a
+    shard failing its checksum is recomputed. ``model``: the run's loaded model (loaded here
+    when not given). Returns the stage directory."""
+    from jax_ensemble.data import load_suite, tokenize_split
+    from jax_ensemble.data.batching import bucketed_batches, num_batches
+
+    started = time.perf_counter()
+    out_dir = gradients_dir(config)
+    tasks = load_suite(config.tasks)
+    if not tasks:
+        raise DataError(f"the task suite {config.tasks.suite!r} is empty")
+    gc = config.gradients
+    model = model or load_run_model(config, sanity_check=False)
+    graphdef, lora_state, base_state, tokenizer = model.graphdef, model.lora0, model.base, model.tokenizer
+    features, fixed, space = lora_feature_split(lora_state)
+    projector = stage_projector(config, features)
+    output = lora_output_fn(graphdef)
+    max_length = config.tasks.max_length
+    shard_rows = -(-gc.shard_examples // gc.batch_size) * gc.batch_size
+
+    plan = []  # (task, split, tokenized, shard index, rows)
+    for task in tasks:
+        for split in GRADIENT_SPLITS:
+            tokenized = tokenize_split(task, split, tokenizer, max_length)
+            n = len(tokenized.prompts)
+            if n == 0:
+                raise DataError(f"task {task.name!r} has an empty {split} split")
+            for i, start in enumerate(range(0, n, shard_rows)):
+                plan.append((task, split, tokenized, i, np.arange(start, min(start + shard_rows, n))))
+
+    def shard_path(task_name: str, split: str, i: int) -> Path:
+        return out_dir / task_name / f"{split}-{i:05d}.safetensors"
+
+    todo = [p for p in plan if not _shard_done(shard_path(p[0].name, p[1], p[3]))]
+    sub_splits = {id(p): dataclasses.replace(
+        p[2], prompts=tuple(p[2].prompts[j] for j in p[4]), labels=p[2].labels[p[4]]) for p in todo}
+    total = sum(num_batches(sub_splits[id(p)], gc.batch_size, max_length) for p in todo)
+    strategies: dict[int, str] = {}
+    bar = tqdm(total=total, desc="gradients", unit="batch", disable=not progress, file=sys.stderr)
+    for p in todo:
+        task, split, _, i, rows = p
+        sub = sub_splits[id(p)]
+        k = task.num_classes
+        out_shape = (len(rows),) if k == 2 else (len(rows), k)
+        grads = np.zeros(out_shape + (gc.dim,), np.float32)
+        f0 = np.zeros(out_shape, np.float32)
+        for batch, index in bucketed_batches(sub, gc.batch_size, max_length, tokenizer.pad_id):
+            t = batch["input_ids"].shape[1]
+            if t not in strategies:
+                strategies[t] = resolve_strategy(
+                    gc.strategy,
+                    projector=projector,
+                    out_shape=jax.eval_shape(output, features, fixed, base_state, batch).shape,
+                    flops_fn=lambda: forward_flops(output, features, fixed, base_state, batch),
+                    direction_chunk=gc.direction_chunk,
+                    memory_budget_bytes=gc.memory_budget_mb * 2**20,
+                )
+            bf0, bg = batch_gradients(features, fixed, base_state, batch, graphdef=graphdef, projector=projector,
+                                      strategy=strategies[t], direction_chunk=gc.direction_chunk)
+            real = index >= 0
+            f0[index[real]] = np.asarray(bf0)[real]
+            grads[index[real]] = np.asarray(bg)[real]
+            bar.update(1)
+        _check_finite(grads, f0, task.name, split, rows)
+        data = _shard_bytes(grads, f0, sub.labels.astype(np.int32), rows)
+        path = shard_path(task.name, split, i)
+        atomic_write_bytes(path, data)
+        atomic_write_bytes(path.with_name(path.name + ".sha256"), (_sha256(data) + "\n").encode())
+    bar.close()
+
+    timing = {"seconds": round(time.perf_counter() - started, 2), "timed_shards": len(todo), "shards": len(plan)}
+    previous = out_dir / "manifest.json"
+    if not todo and previous.is_file():
+        timing = json.loads(previous.read_text()).get("timing", timing)
+    manifest = {
+        "format": "jax-ensemble-gradients-v1",
+        "timing": timing,
+        "settings": gradient_settings(config),
+        "architecture": dataclasses.asdict(model.architecture),
+        "projector": projector.metadata(),
+        **feature_metadata(space, features),
+        "output": "binary: log-odds z_gold - z_other of the label-word logits (n,); K > 2: the K logits (n, K)",
+        "strategies_by_length": {str(t): s for t, s in sorted(strategies.items())},
+        "tasks": [
+            {
+                "name": task.name,
+                "num_classes": task.num_classes,
+                "splits": {
+                    split: [
+                        {"file": str(shard_path(task.name, split, i).relative_to(out_dir)), "examples": len(rows),
+                         "sha256": shard_path(task.name, split, i).with_name(
+                             shard_path(task.name, split, i).name + ".sha256").read_text().strip()}
+                        for (t2, s2, _, i, rows) in plan if t2 is task and s2 == split
+                    ]
+                    for split in GRADIENT_SPLITS
+                },
+            }
+            for task in tasks
+        ],
+    }
+    atomic_write_json(out_dir / "manifest.json", manifest)
+    return out_dir
+
+
+def load_gradients(directory: str | Path) -> dict[str, dict[str, SplitGradients]]:
+    """``{task: {split: SplitGradients}}`` from a finished stage directory, verifying every
+    shard's checksum (CheckpointError names the shard to delete or recompute)."""
+    directory = Path(directory)
+    manifest_path = directory / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{directory} has no manifest.json: run `jax-ensemble gradients` to finish the stage")
+    manifest = json.loads(manifest_path.read_text())
+    result: dict[str, dict[str, SplitGradients]] = {}
+    for task in manifest["tasks"]:
+        result[task["name"]] = {}
+        for split, shards in task["splits"].items():
+            parts = []
+            for shard in shards:
+                data = (directory / shard["file"]).read_bytes()
+                if _sha256(data) != shard["sha256"]:
+                    raise CheckpointError(f"gradient shard {directory / shard['file']} fails its checksum: "
+                                          "rerun `jax-ensemble gradients` to recompute it")
+                parts.append(safetensors.numpy.load(data))
+            result[task["name"]][split] = SplitGradients(
+                grads=np.concatenate([p["grads"] for p in parts]),
+                f0=np.concatenate([p["f0"] for p in parts]),
+                labels=np.concatenate([p["label"] for p in parts]),
+            )
+    return result

@@ -1,0 +1,203 @@
+"""The ``uq`` stage: single adapter vs LoRA ensemble vs MC dropout, on calibration and OOD detection.
+
+Fine-tune on ``uq.in_distribution`` tasks (train splits), then score their test splits and
+the test splits of ``uq.out_of_distribution`` tasks (never trained on; their prompts are
+answered over the first in-distribution task's label words, the fine-tuned model's answer
+space, so an OOD score compares like with like):
+
+- ``single``: one adapter (seed ``seed``; it is member 0 of the ensemble, a standard fine-tune);
+- ``ensemble``: M adapters differing in LoRA initialisation and data order (seeds
+  ``seed .. seed+M-1``), trained as one stacked program, predicting with the mean of the
+  members' probabilities;
+- ``ensemble_wd`` / ``ensemble_kl`` (when configured): the same ensemble with weight
+  decay on A, B / with a KL penalty toward the base model's label-word distribution;
+- ``mc_dropout``: one adapter trained with LoRA dropout, predicting with the mean of M
+  dropout samples.
+
+Writes ``uq/results.json``, ``uq/table.md`` and ``uq/reliability.png`` under the run
+directory (each atomically) and returns the results mapping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jax_ensemble.config import Config, config_hash, config_to_dict
+from jax_ensemble.core.losses import NO_CHOICE_LOGIT
+from jax_ensemble.core.trees import unstack_tree
+from jax_ensemble.core.uncertainty import calibration_report, ood_auroc, predictive, reliability_bins
+from jax_ensemble.data import load_task, tokenize_split
+from jax_ensemble.data.batching import TokenizedSplit
+from jax_ensemble.data.tables import training_table
+from jax_ensemble.figures import png_bytes, pyplot
+from jax_ensemble.models.classification import label_logits
+from jax_ensemble.models.loading import load_pretrained
+from jax_ensemble.models.lora import init_member_adapters, merge_lora
+from jax_ensemble.stages.ensemble import table_outputs
+from jax_ensemble.stages.zero_shot import split_label_logits
+from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
+from jax_ensemble.training.engine import train
+from jax_ensemble.training.losses import classification_objective, kl_regularized_objective, with_base_logits
+from jax_ensemble.training.mesh import make_mesh
+
+Predictor = Callable[[dict[str, np.ndarray]], np.ndarray]
+"""``predict(batch) -> (B, K)`` label logits of one member or one dropout sample."""
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def member_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, nnx.State, Any, jax.Array | None], jax.Array]:
+    """Jitted ``f(lora, base, batch, dropout_key) -> (B, K)`` for one member (or one
+    dropout sample when ``dropout_key`` is given); the same program serves every member."""
+
+    @jax.jit
+    def apply(lora, base, batch, dropout_key):
+        return label_logits(merge_lora(graphdef, lora, base), batch, dropout_key=dropout_key)
+
+    return apply
+
+
+def samples_logits(predictors: Sequence[Predictor], splits: Sequence[TokenizedSplit], config: Config,
+                   pad_id: int) -> np.ndarray:
+    """(S, N, K) label logits of S predictors (members or dropout samples) on the examples of
+    ``splits`` concatenated; tasks with fewer than K classes get NO_CHOICE_LOGIT columns."""
+    width = max(len(s.label_token_ids) for s in splits)
+    out = []
+    for predict in predictors:
+        parts = []
+        for split in splits:
+            z = split_label_logits(predict, split, batch_size=config.tasks.batch_size,
+                                   max_length=config.tasks.max_length, pad_id=pad_id, num_choices=width)
+            parts.append(np.pad(z, ((0, 0), (0, width - z.shape[1])), constant_values=NO_CHOICE_LOGIT))
+        out.append(np.concatenate(parts))
+    return np.stack(out)
+
+
+def method_metrics(id_logits: np.ndarray, id_labels: np.ndarray, ood_logits: np.ndarray, num_bins: int) -> dict[str, float]:
+    """accuracy, ece, nll, brier on in-distribution; OOD AUROC (max-prob and entropy scores)."""
+    report = calibration_report(jnp.asarray(id_logits), jnp.asarray(id_labels), num_bins=num_bins)
+    probs_in, probs_out = predictive(jnp.asarray(id_logits)), predictive(jnp.asarray(ood_logits))
+    report["ood_auroc"] = float(ood_auroc(probs_in, probs_out, "max_prob"))
+    report["ood_auroc_entropy"] = float(ood_auroc(probs_in, probs_out, "entropy"))
+    return report
+
+
+def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], num_bins: int) -> bytes:
+    """One reliability diagram per method: accuracy vs confidence per bin, and the diagonal."""
+    plt = pyplot()
+
+    fig, axes = plt.subplots(1, len(curves), figsize=(3.2 * len(curves), 3.3), sharey=True, squeeze=False)
+    centers = (np.arange(num_bins) + 0.5) / num_bins
+    for ax, (name, (logits, labels)) in zip(axes[0], curves.items()):
+        bins = reliability_bins(predictive(jnp.asarray(logits)), jnp.asarray(labels), num_bins)
+        filled = np.asarray(bins.counts) > 0
+        ax.bar(centers[filled], np.asarray(bins.accuracy)[filled], width=1.0 / num_bins, edgecolor="black",
+               alpha=0.7, label="accuracy")
+        ax.plot([0, 1], [0, 1], "k--", linewidth=1)
+        ax.set_title(name)
+        ax.set_xlabel("confidence")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+    axes[0][0].set_ylabel("accuracy")
+    fig.tight_layout()
+    return png_bytes(fig)
+
+
+def markdown_table(results: dict[str, dict[str, float]]) -> str:
+    keys = ["accuracy", "ece", "nll", "brier", "ood_auroc", "ood_auroc_entropy"]
+    lines = ["| method | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    for name, row in results.items():
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_uq(config: Config, *, progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate every method of the module doc; return the JSON-able summary."""
+    uq, training = config.uq, config.training
+    model, tokenizer = load_pretrained(config.model.source, base_dtype=config.model.base_dtype,
+                                       compute_dtype=config.model.compute_dtype)
+    tokenize = lambda ref, split: tokenize_split(load_task(ref, config.tasks), split, tokenizer, config.tasks.max_length)
+    train_table = training_table([tokenize(t, "train") for t in uq.in_distribution], pad_id=tokenizer.pad_id,
+                           max_length=config.tasks.max_length)
+    id_test = [tokenize(t, "test") for t in uq.in_distribution]
+    # OOD inputs keep their own prompts but are answered in the fine-tuned model's answer
+    # space: the first in-distribution task's label words.
+    ood_test = [dataclasses.replace(tokenize(t, "test"), label_token_ids=id_test[0].label_token_ids)
+                for t in uq.out_of_distribution]
+    id_labels = np.concatenate([s.labels for s in id_test])
+    seeds = [config.seed + m for m in range(uq.members)]
+    graphdef, initial, base = init_member_adapters(model, config.lora, seeds)
+
+    def evaluate(graphdef, loras: Any, keys: Sequence[jax.Array | None]) -> tuple[np.ndarray, np.ndarray]:
+        """(S, N, K) in- and out-of-distribution logits: sample s uses member s mod M and key s."""
+        apply, members = member_logits_fn(graphdef), unstack_tree(loras)
+        predictors = [
+            (lambda batch, lora=members[i % len(members)], key=key: np.asarray(apply(lora, base, batch, key)))
+            for i, key in enumerate(keys)
+        ]
+        return (samples_logits(predictors, id_test, config, tokenizer.pad_id),
+                samples_logits(predictors, ood_test, config, tokenizer.pad_id))
+
+    outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    mesh = make_mesh(config.mesh)
+
+    def members(objective, initial_loras, training_config, table, member_seeds, desc, dropout=False) -> Any:
+        """The stacked members trained by the engine (no validation: a fixed length, as the paper)."""
+        return train(objective, initial_loras, base, table, training_config, mesh, seeds=member_seeds, stacked=True,
+                     dropout=dropout, progress=progress, desc=desc).lora
+
+    _log(f"uq: training {uq.members} stacked LoRA members on {', '.join(uq.in_distribution)} ({len(train_table['label'])} rows)")
+    plain = classification_objective(graphdef)
+    trained = members(plain, initial, training, train_table, seeds, "ensemble")
+    id_logits, ood_logits = evaluate(graphdef, trained, [None] * uq.members)
+    outputs["single"] = (id_logits[:1], ood_logits[:1])
+    outputs["ensemble"] = (id_logits, ood_logits)
+    if uq.weight_decay > 0:
+        decayed = dataclasses.replace(training, weight_decay=uq.weight_decay)
+        wd = members(plain, initial, decayed, train_table, seeds, "ensemble_wd")
+        outputs["ensemble_wd"] = evaluate(graphdef, wd, [None] * uq.members)
+    if uq.kl_penalty > 0:
+        apply = member_logits_fn(graphdef)
+        at_base = unstack_tree(initial)[0]  # B = 0: the base model's logits
+        base_logits = table_outputs(lambda batch: apply(at_base, base, batch, None), train_table,
+                                   config.tasks.batch_size)
+        kl = members(kl_regularized_objective(graphdef, uq.kl_penalty), initial, training,
+                     with_base_logits(train_table, base_logits), seeds, "ensemble_kl")
+        outputs["ensemble_kl"] = evaluate(graphdef, kl, [None] * uq.members)
+    graphdef_mc, initial_mc, _ = init_member_adapters(
+        model, dataclasses.replace(config.lora, dropout=uq.mc_dropout), seeds[:1]
+    )
+    mc = members(classification_objective(graphdef_mc), initial_mc, training, train_table, seeds[:1], "mc_dropout",
+                 dropout=True)
+    keys = list(jax.random.split(jax.random.key(config.seed + 10_000), uq.members))
+    outputs["mc_dropout"] = evaluate(graphdef_mc, mc, keys)
+
+    results = {name: method_metrics(i, id_labels, o, uq.num_bins) for name, (i, o) in outputs.items()}
+    out_dir = config.resolved_run_dir() / "uq"
+    png = reliability_png({name: (i, id_labels) for name, (i, _) in outputs.items()}, uq.num_bins)
+    atomic_write_bytes(out_dir / "reliability.png", png)
+    atomic_write_bytes(out_dir / "table.md", markdown_table(results).encode())
+    summary = {
+        "results": results,
+        "members": uq.members,
+        "in_distribution": list(uq.in_distribution),
+        "out_of_distribution": list(uq.out_of_distribution),
+        "test_examples": {"in_distribution": int(len(id_labels)),
+                          "out_of_distribution": int(sum(len(s.labels) for s in ood_test))},
+        "num_bins": uq.num_bins,
+        "training_rows": int(len(train_table["label"])),
+        "config_hash": config_hash(config),
+        "config": config_to_dict(config),
+        "reliability_png": str(out_dir / "reliability.png"),
+    }
+    atomic_write_json(out_dir / "results.json", summary)
+    return summary

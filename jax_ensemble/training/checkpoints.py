@@ -1,0 +1,92 @@
+"""Training checkpoints with orbax: every N steps and at the end, the last k kept, atomic.
+
+A checkpoint holds any pytree of arrays (the training state) as a flat mapping from
+dotted paths (``lora.layers.self_attn.q_proj.lora_a``) to arrays, plus a JSON
+``fingerprint`` of what produced it. Orbax writes each step into a temporary directory
+and renames it when complete, so a run killed mid-save leaves the previous checkpoint as
+the latest. Restoring takes a template of the state and the target shardings: a
+checkpoint saved under one mesh restores under any other.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from jax_ensemble.errors import CheckpointError
+from jax_ensemble.training.mesh import path_name
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    """``{dotted path: leaf}`` for every leaf of ``tree``."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {prefix + path_name(path): leaf for path, leaf in leaves}
+
+
+def unflatten(template: Any, flat: dict[str, Any], prefix: str = "") -> Any:
+    """Inverse of :func:`flatten`: ``template``'s structure with leaves taken from ``flat``."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(template)
+    return jax.tree_util.tree_unflatten(treedef, [flat[prefix + path_name(p)] for p, _ in paths])
+
+
+def checkpoint_manager(directory: str | Path, keep_last: int) -> ocp.CheckpointManager:
+    """An orbax manager over ``directory`` keeping the last ``keep_last`` steps."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep_last, create=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any, fingerprint: dict[str, Any]) -> None:
+    """Save ``state`` (global arrays) as step ``step`` (asynchronously; see ``wait_until_finished``)."""
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(flatten(state)),
+            meta=ocp.args.JsonSave({"fingerprint": fingerprint, "step": step}),
+        ),
+        force=True,
+    )
+
+
+def restore_checkpoint(
+    manager: ocp.CheckpointManager,
+    template: Any,
+    shardings: Any,
+    fingerprint: dict[str, Any] | None = None,
+    step: int | None = None,
+) -> tuple[Any, int] | None:
+    """``(state, step)`` from step ``step`` (default: the latest), laid out by ``shardings``,
+    or None when there is no checkpoint. CheckpointError if the checkpoint was written
+    with a different ``fingerprint`` or does not fit ``template``."""
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None
+    directory = manager.directory
+    meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+        raise CheckpointError(
+            f"checkpoints in {directory} come from a different run (config, data or model differ); "
+            "use a new output directory or delete them to start over"
+        )
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), flatten(template), flatten(shardings)
+    )
+    try:
+        restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"checkpoint {directory}/{step} does not fit this model: {str(e).splitlines()[0]}") from None
+    return unflatten(template, restored), step
+
+
+def load_state(directory: str | Path, template: Any, shardings: Any, step: int | None = None) -> tuple[Any, int]:
+    """Read a training state from a checkpoint directory (latest step unless ``step``)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"checkpoint directory {directory} does not exist")
+    with checkpoint_manager(directory, keep_last=1_000_000) as manager:
+        found = restore_checkpoint(manager, template, shardings, step=step)
+    if found is None:
+        raise CheckpointError(f"{directory} holds no complete checkpoint")
+    return found

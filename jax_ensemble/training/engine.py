@@ -1,0 +1,402 @@
+"""The one training engine: LoRA adapters on a frozen (int8) base, sharded, with exact resume.
+
+:func:`train` trains either one adapter or M stacked members (leaves with a leading
+member axis, advanced together by one vmapped step over one shared base) on any
+:class:`~jax_ensemble.training.losses.Objective` (classification, boosting over a
+fixed ensemble offset, KL to the base), with the same features for every caller: the
+mesh's partition rules (members replicated over the member axis), orbax checkpoints
+with a fingerprint and exact resume (the data order is a function of the step),
+periodic validation with early stopping that keeps the best adapter (per member),
+finite checks, ``metrics.jsonl`` and a progress bar. docs/method.md §6.
+
+Functional pieces (reusable with any ``loss_fn``):
+
+- :func:`make_optimizer` — clip(global norm) → AdamW with linear warm-up then cosine decay;
+- :func:`make_train_step` — one optimizer step over ``grad_accum_steps`` micro-batches
+  (batch leaves shaped (A, b, ...)): the gradient is Σ_micro ∇Σ_i w_i ℓ_i / Σ w_i, exactly
+  the full batch's weighted-mean gradient; LoRA dropout keys are fold_in(seed, step, micro);
+- :func:`make_eval_step` — weighted loss / correct / weight sums of one batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from tqdm import tqdm
+
+from jax_ensemble.core.batch import Table
+from jax_ensemble.core.losses import weighted_cross_entropy
+from jax_ensemble.core.trees import stack_trees
+from jax_ensemble.data.tables import batch_indices, eval_batches, num_rows, take_batch
+from jax_ensemble.errors import TrainingError
+from jax_ensemble.storage.atomic import atomic_write_bytes
+from jax_ensemble.training.checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint
+from jax_ensemble.training.losses import LossFn, Objective, objective_loss
+from jax_ensemble.training.mesh import (
+    DEFAULT_RULES,
+    Rules,
+    batch_sharding,
+    check_batch_fits,
+    put_global,
+    tree_shardings,
+)
+from jax_ensemble.training.settings import TrainingConfig
+
+
+class TrainState(NamedTuple):
+    """Everything that changes during training (all arrays, checkpointed as one pytree).
+
+    step: () int32 optimizer steps taken (= batches consumed); lora: the adapter;
+    opt_state: the optimizer's state; best_loss: () float32 lowest validation loss so
+    far (inf before the first evaluation); best_lora: the adapter at best_loss;
+    bad_evals: () int32 evaluations since best_loss last improved."""
+
+    step: jax.Array
+    lora: Any
+    opt_state: Any
+    best_loss: jax.Array
+    best_lora: Any
+    bad_evals: jax.Array
+
+
+def learning_rate_schedule(config: TrainingConfig, total_steps: int) -> optax.Schedule:
+    """lr(s) = lr·s/warmup for s < warmup, then lr·½(1 + cos(π·(s − warmup)/(total − warmup)))."""
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    return optax.warmup_cosine_decay_schedule(
+        0.0 if warmup else config.learning_rate,
+        config.learning_rate,
+        warmup,
+        max(total_steps, warmup + 1),
+        end_value=0.0,
+    )
+
+
+def make_optimizer(config: TrainingConfig, total_steps: int) -> optax.GradientTransformation:
+    """clip_by_global_norm(max_grad_norm) (if > 0), then AdamW(schedule, weight_decay)."""
+    adamw = optax.adamw(learning_rate_schedule(config, total_steps), weight_decay=config.weight_decay)
+    if config.max_grad_norm > 0:
+        return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
+    return adamw
+
+
+def init_state(lora: Any, optimizer: optax.GradientTransformation) -> TrainState:
+    """The state before step 0."""
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        lora=lora,
+        opt_state=optimizer.init(lora),
+        best_loss=jnp.full((), jnp.inf, jnp.float32),
+        best_lora=lora,
+        bad_evals=jnp.zeros((), jnp.int32),
+    )
+
+
+def make_train_step(
+    loss_fn: LossFn, optimizer: optax.GradientTransformation, *, seed: int, dropout: bool
+) -> Callable[[TrainState, Any, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+    """``step(state, frozen, batch) -> (state, metrics)``; batch leaves are (A, b, ...):
+    A micro-batches of b rows, whose gradients are summed before the one update.
+
+    metrics: ``loss`` (weighted mean over the batch), ``grad_norm`` (before clipping)."""
+
+    def step(state: TrainState, frozen: Any, batch: Mapping[str, jax.Array]):
+        key = jax.random.fold_in(jax.random.key(seed), state.step)
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+        def micro(carry, xs):
+            grads, loss_sum, weight_sum = carry
+            micro_batch, index = xs
+            dropout_key = jax.random.fold_in(key, index) if dropout else None
+            (loss, weight), g = grad_fn(state.lora, frozen, micro_batch, dropout_key)
+            return (jax.tree.map(jnp.add, grads, g), loss_sum + loss, weight_sum + weight), None
+
+        num_micro = jax.tree.leaves(batch)[0].shape[0]
+        zeros = jax.tree.map(jnp.zeros_like, state.lora)
+        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+        (grads, loss_sum, weight_sum), _ = jax.lax.scan(micro, init, (batch, jnp.arange(num_micro)))
+        denominator = jnp.maximum(weight_sum, 1e-12)
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+        lora = optax.apply_updates(state.lora, updates)
+        metrics = {"loss": loss_sum / denominator, "grad_norm": optax.tree.norm(grads)}
+        return state._replace(step=state.step + 1, lora=lora, opt_state=opt_state), metrics
+
+    return step
+
+
+def make_eval_step(logits_fn: Callable[[Any, Any, Mapping[str, jax.Array]], jax.Array]):
+    """``eval(params, frozen, batch) -> {loss_sum, correct_sum, weight_sum}`` for one batch,
+    from ``logits_fn(params, frozen, batch) -> (B, K)``."""
+
+    def eval_step(params, frozen, batch):
+        logits = logits_fn(params, frozen, batch)
+        loss_sum, weight_sum = weighted_cross_entropy(logits, batch["label"], batch["weight"])
+        correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
+        return {"loss_sum": loss_sum, "correct_sum": jnp.sum(correct * batch["weight"]), "weight_sum": weight_sum}
+
+    return eval_step
+
+
+def total_steps(config: TrainingConfig, rows: int) -> int:
+    """``max_steps`` if > 0, else ceil(epochs · rows / batch_size)."""
+    return config.max_steps or max(1, math.ceil(config.epochs * rows / config.batch_size))
+
+
+def early_stopping_update(best_loss: float, bad_evals: int, val_loss: float) -> tuple[bool, float, int]:
+    """(improved, best_loss, bad_evals) after one validation loss."""
+    if val_loss < best_loss:
+        return True, val_loss, 0
+    return False, best_loss, bad_evals + 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainResult:
+    """The trained adapter (the best by validation loss when validation data was given,
+    else the last; stacked (M, …) when training members) as global arrays, the step
+    reached, per-step records, the checkpoint directory of the final step (None without
+    a run directory), and whether early stopping ended the run."""
+
+    lora: Any
+    step: int
+    history: list[dict[str, Any]]
+    checkpoint: Path | None
+    stopped_early: bool
+
+
+class Evaluator:
+    """A jitted evaluation on a mesh: ``evaluator(lora, table) -> {loss, accuracy, examples}``
+    (weighted means of the objective's CE and accuracy over the table's rows, dropout
+    off), the frozen base laid out once. With ``stacked=True`` ``lora`` holds M members
+    and every value is an (M,) list."""
+
+    def __init__(self, objective: Objective, base: Any, mesh: Mesh, batch_size: int,
+                 rules: Rules = DEFAULT_RULES, *, stacked: bool = False):
+        self.mesh = mesh
+        self.batch_size = batch_size
+        self.rules = rules
+        self.stacked = stacked
+        self.base_shardings = tree_shardings(base, mesh, rules)
+        self.base = put_global(base, self.base_shardings)
+        step = make_eval_step(lambda lora, frozen, batch: objective.logits(lora, frozen, batch, None))
+        if stacked:
+            step = jax.vmap(step, in_axes=(0, None, None))
+        self.step = jax.jit(step, out_shardings=NamedSharding(mesh, P()))
+
+    def __call__(self, lora: Any, table: Table) -> dict[str, Any]:
+        lora = put_global(lora, tree_shardings(lora, self.mesh, self.rules, leading=int(self.stacked)))
+        totals: dict[str, Any] = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
+        for batch, _ in eval_batches(table, self.batch_size):
+            shardings = {k: batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
+            sums = self.step(lora, self.base, put_global(batch, shardings))
+            for k, v in jax.device_get(sums).items():
+                totals[k] = totals[k] + np.asarray(v, np.float64)
+        weight = np.maximum(totals["weight_sum"], 1e-12)
+        out = {"loss": totals["loss_sum"] / weight, "accuracy": totals["correct_sum"] / weight,
+               "examples": np.rint(totals["weight_sum"]).astype(int)}
+        if self.stacked:
+            return {k: v.tolist() for k, v in out.items()}
+        return {"loss": float(out["loss"]), "accuracy": float(out["accuracy"]), "examples": int(out["examples"])}
+
+
+def train(
+    objective: Objective,
+    lora: Any,
+    base: Any,
+    train_table: Table,
+    config: TrainingConfig,
+    mesh: Mesh,
+    *,
+    seeds: Sequence[int],
+    stacked: bool = False,
+    validation: Table | None = None,
+    dropout: bool = False,
+    run_dir: str | Path | None = None,
+    rules: Rules = DEFAULT_RULES,
+    fingerprint: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    on_step: Callable[[int, TrainState], None] | None = None,
+) -> TrainResult:
+    """Train ``lora`` on ``train_table`` under ``objective`` with the frozen ``base``, on ``mesh``.
+
+    One adapter (``stacked=False``, ``seeds`` = one seed: data order and dropout keys) or
+    M stacked members (``stacked=True``: leaves (M, …), member m reading the table in the
+    order of ``seeds[m]``; one compiled step advances all). Length: ``total_steps`` of the
+    table's rows. With ``validation``: evaluation every ``eval_every`` steps and at the
+    end, early stopping after ``patience`` evaluations without improvement (all members),
+    the best adapter (per member) returned. With ``run_dir``: metrics go to
+    ``run_dir/metrics.jsonl``, checkpoints to ``run_dir/checkpoints/<step>``, and an
+    existing checkpoint there is resumed (it must carry the same ``fingerprint``: the
+    caller's description of model, data and settings; a finished run is restored
+    without training). ``dropout``: draw LoRA dropout masks. ``on_step(step, state)``
+    runs after every step (e.g. to measure the adapter along the way).
+    """
+    seeds = [int(s) for s in seeds]
+    if not stacked and len(seeds) != 1:
+        raise TrainingError(f"one adapter trains with one seed, got {len(seeds)}")
+    check_batch_fits(config, mesh)
+    rows = num_rows(train_table)
+    steps = total_steps(config, rows)
+    optimizer = make_optimizer(config, steps)
+    leading = int(stacked)
+    if stacked:
+        host_state = jax.vmap(lambda one: init_state(one, optimizer))(lora)
+    else:
+        host_state = init_state(lora, optimizer)
+    state_shardings = tree_shardings(host_state, mesh, rules, leading=leading)
+    evaluator = Evaluator(objective, base, mesh, config.eval_batch_size, rules, stacked=stacked)
+    base, base_shardings = evaluator.base, evaluator.base_shardings
+    state = put_global(host_state, state_shardings)
+
+    def batch_at(step: int) -> dict[str, np.ndarray]:
+        parts = [take_batch(train_table, batch_indices(rows, config.batch_size, s, step), config.grad_accum_steps)
+                 for s in seeds]
+        return stack_trees(parts) if stacked else parts[0]
+
+    example = batch_at(0)
+    batch_shardings = {k: batch_sharding(mesh, np.ndim(v), leading=1 + leading) for k, v in example.items()}
+    loss_fn = objective_loss(objective)
+    if stacked:
+        def step_fn(states, frozen, batches):
+            def one(state, batch, seed):
+                return make_train_step(loss_fn, optimizer, seed=seed, dropout=dropout)(state, frozen, batch)
+
+            return jax.vmap(one)(states, batches, jnp.asarray(seeds, jnp.int32))
+    else:
+        step_fn = make_train_step(loss_fn, optimizer, seed=seeds[0], dropout=dropout)
+    train_step = jax.jit(
+        step_fn,
+        in_shardings=(state_shardings, base_shardings, batch_shardings),
+        out_shardings=(state_shardings, NamedSharding(mesh, P())),
+    )
+    fingerprint = {**dict(fingerprint or {}), "training": dataclasses.asdict(config),
+                   "seed": seeds if stacked else seeds[0], "rows": rows}
+    fingerprint = json.loads(json.dumps(fingerprint))
+    writer = _MetricsWriter(Path(run_dir) / "metrics.jsonl" if run_dir else None)
+    manager = checkpoint_manager(Path(run_dir) / "checkpoints", config.keep_last) if run_dir else None
+    start = 0
+    if manager is not None:
+        found = restore_checkpoint(manager, host_state, state_shardings, fingerprint)
+        if found is not None:
+            state, start = found
+    writer.start(after_step=start)
+
+    def checkpoint(step: int) -> None:
+        if manager is not None and manager.latest_step() != step:
+            save_checkpoint(manager, step, state, fingerprint)
+
+    def stopped(s: TrainState) -> bool:
+        return config.patience > 0 and bool(np.all(np.asarray(s.bad_evals) >= config.patience))
+
+    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", file=sys.stderr,
+               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+    schedule = learning_rate_schedule(config, steps)
+    step = start
+    clock = time.perf_counter()
+    while step < steps and not stopped(state):
+        batch = put_global(batch_at(step), batch_shardings)
+        state, metrics = train_step(state, base, batch)
+        step += 1
+        record = {"step": step, **{k: _scalar_or_list(v) for k, v in jax.device_get(metrics).items()}}
+        if not (np.isfinite(record["loss"]).all() and np.isfinite(record["grad_norm"]).all()):
+            raise TrainingError(
+                f"non-finite loss or gradient at step {step} (loss {record['loss']}, grad norm "
+                f"{record['grad_norm']}); lower training.learning_rate or check the data"
+            )
+        record["learning_rate"] = float(schedule(step - 1))
+        if validation is not None and (step % config.eval_every == 0 or step == steps):
+            state, val = _evaluate_and_track(state, evaluator, validation, state_shardings)
+            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+        if on_step is not None:
+            on_step(step, state)
+        now = time.perf_counter()
+        record["seconds"] = round(now - clock, 4)  # this step's wall time, evaluation and compilation included
+        clock = now
+        writer.write(record)
+        bar.set_postfix(loss=f"{float(np.mean(record['loss'])):.4f}", refresh=False)
+        bar.update(1)
+        if step % config.checkpoint_every == 0:
+            checkpoint(step)
+    bar.close()
+    checkpoint(step)
+    if manager is not None:
+        manager.wait_until_finished()
+        manager.close()
+    final = state.best_lora if validation is not None else state.lora
+    return TrainResult(
+        lora=final,
+        step=step,
+        history=writer.records,
+        checkpoint=Path(run_dir).absolute() / "checkpoints" / str(step) if run_dir else None,
+        stopped_early=stopped(state),
+    )
+
+
+def _scalar_or_list(value: Any) -> float | list[float]:
+    value = np.asarray(value, np.float64)
+    return float(value) if value.ndim == 0 else value.tolist()
+
+
+def _evaluate_and_track(state: TrainState, evaluator: Evaluator, validation: Table, shardings: TrainState):
+    """Evaluate ``state.lora``; update best_loss / best_lora / bad_evals (per member when stacked)."""
+    val = evaluator(state.lora, validation)
+    losses = np.asarray(val["loss"], np.float64)
+    best = np.asarray(jax.device_get(state.best_loss), np.float64)
+    bad = np.asarray(jax.device_get(state.bad_evals))
+    if losses.ndim == 0:
+        improved, new_best, new_bad = early_stopping_update(float(best), int(bad), float(losses))
+        improved = np.asarray(improved)
+    else:
+        improved = losses < best
+        new_best, new_bad = np.where(improved, losses, best), np.where(improved, 0, bad + 1)
+    scalars = put_global(
+        (np.asarray(new_best, np.float32), np.asarray(new_bad, np.int32)), (shardings.best_loss, shardings.bad_evals)
+    )
+    if improved.ndim == 0:
+        best_lora = state.lora if bool(improved) else state.best_lora
+    else:
+        keep = jnp.asarray(improved)
+        best_lora = jax.tree.map(lambda new, old: jnp.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
+                                 state.lora, state.best_lora)
+    return state._replace(best_loss=scalars[0], bad_evals=scalars[1], best_lora=best_lora), val
+
+
+class _MetricsWriter:
+    """Appends one JSON line per step (process 0 only); on resume, drops lines past the restored step."""
+
+    def __init__(self, path: Path | None):
+        self.path = path if jax.process_index() == 0 else None
+        self.records: list[dict[str, Any]] = []
+
+    def start(self, after_step: int) -> None:
+        if self.path is None:
+            return
+        kept = []
+        if after_step and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("step", math.inf) <= after_step:
+                    kept.append(record)
+        self.records = kept
+        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.records.append(record)
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
