@@ -12,7 +12,6 @@ document every key.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import re
 import types
@@ -33,6 +32,7 @@ from jax_ensemble.data.suites import TasksConfig
 from jax_ensemble.errors import ConfigError, check_choice
 from jax_ensemble.models.layers import BASE_DTYPES, COMPUTE_DTYPES
 from jax_ensemble.models.lora import LoRAConfig
+from jax_ensemble.storage.digests import digest
 from jax_ensemble.training.settings import MeshConfig, TrainingConfig, check_batch_divisible
 
 
@@ -64,7 +64,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class GradientsConfig:
-    """Per-example projected gradients at the base model (METHOD.md §2).
+    """Per-example projected gradients at the base model (docs/method.md §2).
 
     dim: projection dimension d (paper 400); kind: ``rademacher`` (±1/√d) or
     ``gaussian``; seed: the projector's seed (P is regenerated from it, never stored);
@@ -127,7 +127,7 @@ class LinearizationConfig:
 
 @dataclasses.dataclass(frozen=True)
 class AffinityConfig:
-    """Task affinity from linearized estimates (METHOD.md §3–4).
+    """Task affinity from linearized estimates (docs/method.md §3–4).
 
     num_subsets: distinct random task subsets (paper 50), each of ⌈subset_fraction·n⌉
     tasks (at least 2); seed: the subsets' seed. Per subset S one regression
@@ -163,7 +163,7 @@ class AffinityConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ClusteringConfig:
-    """Task grouping from the affinity matrix (METHOD.md §5).
+    """Task grouping from the affinity matrix (docs/method.md §5).
 
     method: ``sdp`` (the relaxation, rounded by average linkage) | ``spectral`` |
     ``random`` | ``one`` (all tasks together) | ``each`` (one group per task);
@@ -184,7 +184,7 @@ class ClusteringConfig:
 
 @dataclasses.dataclass(frozen=True)
 class UQConfig:
-    """LoRA ensembles for uncertainty (METHOD.md §7), the ``uq`` command.
+    """LoRA ensembles for uncertainty (docs/method.md §8), the ``uq`` command.
 
     in_distribution: tasks the adapters are fine-tuned on (their test splits are scored);
     out_of_distribution: tasks whose test examples the fine-tuned models meet unseen (OOD
@@ -221,7 +221,7 @@ class UQConfig:
 
 @dataclasses.dataclass(frozen=True)
 class EnsembleConfig:
-    """The grouped ensemble of the main job (METHOD.md §6).
+    """The grouped ensemble of the main job (docs/method.md §7).
 
     per_task_weights: fit one convex α per task on its validation rows (the paper's way:
       each task leans on the groups that help it); false: one α for all tasks.
@@ -366,5 +366,4 @@ def config_to_dict(config: Config) -> dict[str, Any]:
 
 def config_hash(config: Config) -> str:
     """A short stable digest of the resolved config."""
-    blob = json.dumps(config_to_dict(config), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    return digest(config_to_dict(config))

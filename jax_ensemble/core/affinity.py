@@ -1,6 +1,6 @@
 """Task subsets, their estimated fine-tuning outcomes and the task-affinity matrix.
 
-METHOD.md §3–4 over plain arrays. With N examples of n tasks:
+docs/method.md §3–4 over plain arrays. With N examples of n tasks:
 
 - G: (N, d) projected gradients of the binary log-odds, or (N, K, d) of K logits;
 - f0: (N,) or (N, K) base outputs; labels: (N,) (binary: 1 where the log-odds favour the
@@ -172,7 +172,7 @@ def _score(solution: solvers.Solution, features, offsets, labels, val_of_task) -
 
 def affinity_matrix(scores: np.ndarray, subsets: np.ndarray) -> np.ndarray:
     """(n, n) symmetric task affinity T from (S, n) scores (higher is better, e.g. minus
-    the validation loss) and the (S, n) membership matrix (METHOD.md §4).
+    the validation loss) and the (S, n) membership matrix (docs/method.md §4).
 
     z_i(S) = (score_i(S) − mean_i) / std_i over the subsets containing i (std 0: z = 0);
     A[i, j] = mean of z_i(S) over subsets S ∋ i, j (pairs that never co-occur: 0, the

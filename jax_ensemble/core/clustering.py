@@ -1,5 +1,5 @@
 """Group tasks by their affinity matrix T (n × n, symmetric): the SDP relaxation of
-METHOD.md §5 and baselines.
+docs/method.md §5 and baselines.
 
 - :func:`sdp_cluster_matrix`: maximise ⟨T, X⟩ s.t. X ⪰ 0, X ≥ 0, X·1 = 1, tr X = m
   (cvxpy; an exact m-clustering is X = Σ_k 1_{C_k}1_{C_k}ᵀ/|C_k|);

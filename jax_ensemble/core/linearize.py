@@ -4,7 +4,7 @@ Everything here takes a plain parameter pytree and an ``apply_fn(params, batch)`
 row i depends on example i only (any JAX model works; for the LLM see
 :mod:`jax_ensemble.models.lora_gradients`).
 
-- :func:`classification_output`: the output studied (METHOD.md §1): for K = 2 label
+- :func:`classification_output`: the output studied (docs/method.md §1): for K = 2 label
   words the log-odds f = z_gold − z_other of the label-word logits (B,); for K > 2 the
   K logits (B, K).
 - :func:`linearize`: ``f_lin(θ, batch) = f(θ0, batch) + ⟨∇θ f(θ0, batch), θ − θ0⟩``

@@ -115,7 +115,8 @@ def projection_block(projector: Projector, leaf: LeafSpec, block: jax.Array | in
 def _check_structure(projector: Projector, tree: Any, what: str) -> list[jax.Array]:
     leaves, treedef = jax.tree.flatten(tree)
     if treedef != projector.treedef:
-        raise ValueError(f"{what} does not have the projector's parameter structure")
+        raise ConfigError(f"{what} does not have the projector's parameter structure: build the projector with "
+                          "make_projector on the same pytree of parameters")
     return leaves
 
 
@@ -130,7 +131,8 @@ def project(projector: Projector, grads: Any) -> jax.Array:
     out = jnp.zeros((n, projector.dim), jnp.float32)
     for spec, g in zip(projector.leaves, leaves):
         if g.shape != lead + spec.shape:
-            raise ValueError(f"gradient leaf {spec.path} has shape {g.shape}, expected {lead + spec.shape}")
+            raise ConfigError(f"gradient leaf {spec.path} has shape {g.shape}, expected {lead + spec.shape} "
+                              "(leading axes, then the parameter's shape)")
         rows, blocks = _rows(projector, spec), _num_blocks(projector, spec)
         flat = g.reshape(n, spec.size).astype(jnp.float32)
         flat = jnp.pad(flat, ((0, 0), (0, rows * blocks - spec.size)))
@@ -148,7 +150,8 @@ def lift(projector: Projector, w: jax.Array) -> Any:
     """P·w: w (..., d) → a pytree with leaves (..., *shape_ℓ) float32 (transpose of ``project``)."""
     w = jnp.asarray(w, jnp.float32)
     if w.shape[-1:] != (projector.dim,):
-        raise ValueError(f"lift expects (..., {projector.dim}) coefficients, got shape {w.shape}")
+        raise ConfigError(f"lift expects (..., {projector.dim}) coefficients (the projection dimension last), "
+                          f"got shape {w.shape}")
     lead = w.shape[:-1]
     flat_w = w.reshape(-1, projector.dim)  # (m, d)
     leaves = []

@@ -1,6 +1,6 @@
 """L2-regularised logistic and softmax regression with a fixed offset, jit- and vmap-able.
 
-One problem (METHOD.md §3) has n examples with features G, offsets o, labels y and
+One problem (docs/method.md §3) has n examples with features G, offsets o, labels y and
 weights w ≥ 0 (0 drops a row, so a task subset is a weight mask over shared arrays):
 
     F(θ) = Σ_i w_i ℓ(y_i, z_i) + λ‖θ‖²,   z_i = o_i + G_i θ,   θ ∈ R^d

@@ -20,6 +20,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jax_ensemble.errors import ConfigError
+
 _TINY = 1e-12
 
 
@@ -93,7 +95,7 @@ def ood_auroc(probs_in: jax.Array, probs_out: jax.Array, score: str = "max_prob"
         return auroc(-jnp.max(probs_in, axis=-1), -jnp.max(probs_out, axis=-1))
     if score == "entropy":
         return auroc(entropy(probs_in), entropy(probs_out))
-    raise ValueError(f"unknown OOD score {score!r} (max_prob, entropy)")
+    raise ConfigError(f"unknown OOD score {score!r}: use max_prob or entropy")
 
 
 def calibration_report(

@@ -28,7 +28,8 @@ import yaml
 
 from jax_ensemble.data.task import TaskSpec
 from jax_ensemble.errors import DataError
-from jax_ensemble.storage.packages import cache_dir, sha256_of
+from jax_ensemble.storage.digests import sha256_file
+from jax_ensemble.storage.packages import cache_dir
 
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -99,6 +100,6 @@ def local_spec_and_pools(path: Path) -> tuple[TaskSpec, dict[str, datasets.Datas
         description=str(raw.get("description", "")),
         source=str(raw.get("source", f"local files ({path})")),
         license=str(raw.get("license", "unknown")),
-        provenance={"spec": str(path.resolve()), **{f"{p}_sha256": sha256_of(f) for p, f in files.items()}},
+        provenance={"spec": str(path.resolve()), **{f"{p}_sha256": sha256_file(f) for p, f in files.items()}},
     )
     return spec, pools

@@ -5,7 +5,7 @@ log-odds or K label-word logits, :func:`~jax_ensemble.core.linearize.classificat
 as a function of the LoRA state, and one jitted program per batch returning the base
 outputs f0 and the projected gradients G.
 
-Feature space (METHOD.md §2): at θ0 every ``lora_b`` is zero, so ∂f/∂A = s·x·(∂f/∂y)·Bᵀ
+Feature space (docs/method.md §2): at θ0 every ``lora_b`` is zero, so ∂f/∂A = s·x·(∂f/∂y)·Bᵀ
 is exactly zero for every ``lora_a``. :func:`lora_feature_split` then differentiates
 with respect to the B matrices only (``feature_space = "lora_b"``: p halves and G loses
 no information); if any B is non-zero (e.g. after a warm-up) it keeps every LoRA leaf

@@ -30,7 +30,6 @@ recipe. Results go to ``<run_dir>/validate-estimates/<digest>/``: ``validation.j
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 from pathlib import Path
@@ -52,6 +51,7 @@ from jax_ensemble.stages.gradients import load_gradients, stage_projector
 from jax_ensemble.stages.grouping import affinity_stage, estimate_stacked, stack_tasks
 from jax_ensemble.stages.model import load_run_model
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
+from jax_ensemble.storage.digests import stage_dir
 
 PREDICTORS = ("linear", "weight_space", "base")
 """The estimates compared with the fine-tuned outcome (see the module docstring)."""
@@ -167,8 +167,7 @@ def timing(gradient_timing: Mapping[str, Any] | None, solve_seconds: float,
 def output_dir(config: Config, affinity_directory: Path, num_subsets: int) -> Path:
     """``<run_dir>/validate-estimates/<digest of the affinity stage, training settings and K>``."""
     key = {"affinity": affinity_directory.name, "training": dataclasses.asdict(config.training), "subsets": num_subsets}
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return config.resolved_run_dir() / "validate-estimates" / digest
+    return stage_dir(config.resolved_run_dir(), "validate-estimates", key)
 
 
 def find_validation(config: Config, affinity_directory: Path) -> dict[str, Any] | None:

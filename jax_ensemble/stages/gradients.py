@@ -14,7 +14,6 @@ corrupt shard is recomputed; the same settings give byte-identical shards.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import sys
 import time
@@ -33,6 +32,7 @@ from jax_ensemble.errors import CheckpointError, DataError, NumericalError
 from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata, lora_feature_split, lora_output_fn
 from jax_ensemble.stages.model import RunModel, load_run_model
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
+from jax_ensemble.storage.digests import sha256_hex, stage_dir
 
 GRADIENT_SPLITS = ("train", "validation")
 
@@ -70,18 +70,13 @@ def stage_projector(config: Config, features: Any) -> Projector:
 
 def gradients_dir(config: Config) -> Path:
     """``<run_dir>/gradients/<digest of gradient_settings>``."""
-    blob = json.dumps(gradient_settings(config), sort_keys=True).encode()
-    return config.resolved_run_dir() / "gradients" / hashlib.sha256(blob).hexdigest()[:16]
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+    return stage_dir(config.resolved_run_dir(), "gradients", gradient_settings(config))
 
 
 def _shard_done(path: Path) -> bool:
     """The shard exists and matches the checksum written after it."""
     check = path.with_name(path.name + ".sha256")
-    return path.is_file() and check.is_file() and check.read_text().strip() == _sha256(path.read_bytes())
+    return path.is_file() and check.is_file() and check.read_text().strip() == sha256_hex(path.read_bytes())
 
 
 def _check_finite(grads: np.ndarray, f0: np.ndarray, task: str, split: str, examples: np.ndarray) -> None:
@@ -171,7 +166,7 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
         data = _shard_bytes(grads, f0, sub.labels.astype(np.int32), rows)
         path = shard_path(task.name, split, i)
         atomic_write_bytes(path, data)
-        atomic_write_bytes(path.with_name(path.name + ".sha256"), (_sha256(data) + "\n").encode())
+        atomic_write_bytes(path.with_name(path.name + ".sha256"), (sha256_hex(data) + "\n").encode())
     bar.close()
 
     timing = {"seconds": round(time.perf_counter() - started, 2), "timed_shards": len(todo), "shards": len(plan)}
@@ -223,7 +218,7 @@ def load_gradients(directory: str | Path) -> dict[str, dict[str, SplitGradients]
             parts = []
             for shard in shards:
                 data = (directory / shard["file"]).read_bytes()
-                if _sha256(data) != shard["sha256"]:
+                if sha256_hex(data) != shard["sha256"]:
                     raise CheckpointError(f"gradient shard {directory / shard['file']} fails its checksum: "
                                           "rerun `jax-ensemble gradients` to recompute it")
                 parts.append(safetensors.numpy.load(data))

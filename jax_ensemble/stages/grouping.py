@@ -17,7 +17,6 @@ and writes ``grouping.json`` and ``affinity.png`` (the matrix ordered by group) 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import io
 import json
 import time
@@ -35,6 +34,7 @@ from jax_ensemble.models.classification import NO_CHOICE_LOGIT
 from jax_ensemble.stages.gradients import SplitGradients, gradient_stage, load_gradients
 from jax_ensemble.stages.model import RunModel
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
+from jax_ensemble.storage.digests import stage_dir
 
 SPLITS = ("train", "validation")
 
@@ -102,14 +102,10 @@ def estimate_stacked(data: StackedTasks, subsets: np.ndarray, config: Config, *,
     return jax.tree.map(np.asarray, jax.block_until_ready(est))
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def affinity_dir(config: Config, gradients_directory: Path) -> Path:
     """``<run_dir>/affinity/<digest of the gradient directory and the affinity settings>``."""
     key = {"gradients": gradients_directory.name, "affinity": dataclasses.asdict(config.affinity)}
-    return config.resolved_run_dir() / "affinity" / _digest(key)
+    return stage_dir(config.resolved_run_dir(), "affinity", key)
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -167,7 +163,7 @@ def grouping_stage(config: Config, *, progress: bool = True, model: RunModel | N
     cc = config.clustering
     grouping = clustering.cluster(matrix, method=cc.method, num_groups=cc.num_groups, solver=cc.solver,
                                   seed=config.seed)
-    out_dir = config.resolved_run_dir() / "grouping" / _digest({"affinity": aff_dir.name, **dataclasses.asdict(cc),
+    out_dir = stage_dir(config.resolved_run_dir(), "grouping", {"affinity": aff_dir.name, **dataclasses.asdict(cc),
                                                                  "seed": config.seed})
     summary = {
         "method": grouping.method,

