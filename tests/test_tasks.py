@@ -15,10 +15,11 @@ import yaml
 
 from jax_ensemble.cli import main
 from jax_ensemble.config import TasksConfig
+from jax_ensemble.data import SUITES, load_suite, load_task, render_prompt
+from jax_ensemble.data.batching import bucket_lengths, label_token_ids, tokenize_split
+from jax_ensemble.data.splits import scaled_sizes, split_indices, stratified_order
+from jax_ensemble.data.tables import eval_batches, training_table
 from jax_ensemble.errors import DataError
-from jax_ensemble.tasks import SUITES, load_suite, load_task, render_prompt
-from jax_ensemble.tasks.batching import bucket_lengths, bucketed_batches, label_token_ids, tokenize_split
-from jax_ensemble.tasks.splits import scaled_sizes, split_indices, stratified_order
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -261,26 +262,29 @@ def test_batches_follow_the_classification_convention(tmp_path, tiny_model):
     task = tiny_task(tmp_path)
     tokenized = tokenize_split(task, "train", tok, max_length=40)
     assert tokenized.truncated > 0
+    table = training_table([tokenized], pad_id=tok.pad_id, max_length=40)
     seen = []
-    for batch, index in bucketed_batches(tokenized, batch_size=5, max_length=40, pad_id=tok.pad_id):
+    for batch, index in eval_batches(table, batch_size=5):
         b, t = batch["input_ids"].shape
         assert b == 5 and t in (32, 40)
         assert {k: v.dtype.name for k, v in batch.items()} == {
             "input_ids": "int32", "attention_mask": "int32", "answer_position": "int32",
-            "label_token_ids": "int32", "label": "int32", "weight": "float32"}
+            "label_token_ids": "int32", "label": "int32", "weight": "float32", "task_index": "int32"}
         assert batch["label_token_ids"].shape == (5, 2)
         for row, i in enumerate(index):
-            if i < 0:
-                assert batch["weight"][row] == 0 and batch["attention_mask"][row].sum() == 1
+            if i < 0:  # a padding row: a weight-0 copy of a real row, so its logits stay finite
+                assert batch["weight"][row] == 0 and batch["attention_mask"][row].sum() >= 1
                 continue
             full = tok.encode(render_prompt(task.spec, task.split("train")[int(i)]))
             n = int(batch["attention_mask"][row].sum())
             assert batch["answer_position"][row] == n - 1 and batch["weight"][row] == 1
             assert batch["input_ids"][row, :n].tolist() == full[-n:]  # truncated from the left
+            assert (batch["input_ids"][row, n:] == tok.pad_id).all()  # right-padded
             assert tok.decode(full[-1:]) == ":"  # the answer position is the prompt's last token
             seen.append(int(i))
     assert sorted(seen) == list(range(12))
-    batch, _ = next(bucketed_batches(tokenized, batch_size=5, max_length=40, pad_id=tok.pad_id, num_choices=3))
+    wide = training_table([tokenized], pad_id=tok.pad_id, max_length=40, num_choices=3)
+    batch, _ = next(eval_batches(wide, batch_size=5))
     assert batch["label_token_ids"][:, 2].tolist() == [-1] * 5  # a third choice column for mixed-K batches
     assert batch["label_token_ids"][:, :2].tolist() == [label_token_ids(task.spec, tok).tolist()] * 5
 
@@ -296,7 +300,7 @@ def test_zero_shot_matches_a_plain_per_example_loop(tmp_path, tiny_model):
     import jax.numpy as jnp
     from flax import nnx
 
-    from jax_ensemble.tasks.zero_shot import evaluate_zero_shot, jitted_label_logits, split_label_logits
+    from jax_ensemble.stages.zero_shot import evaluate_zero_shot, jitted_label_logits, split_label_logits
 
     model, tok = tiny_model
     task = tiny_task(tmp_path)

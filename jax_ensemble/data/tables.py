@@ -24,14 +24,17 @@ from jax_ensemble.data.batching import TokenizedSplit, bucket_lengths
 from jax_ensemble.errors import DataError
 
 
-def training_table(splits: Sequence[TokenizedSplit], *, pad_id: int, max_length: int) -> Table:
-    """Rows of every split in ``splits``, in order (right-padded, weight 1)."""
+def training_table(splits: Sequence[TokenizedSplit], *, pad_id: int, max_length: int,
+                   num_choices: int | None = None) -> Table:
+    """Rows of every split in ``splits``, in order (right-padded, weight 1); the choice axis
+    is the largest K, or ``num_choices`` when that is larger (so tables of tasks with
+    different K share shapes)."""
     prompts = [p for split in splits for p in split.prompts]
     if not prompts:
         raise DataError("no examples to build a table from (empty task list or empty splits)")
     longest = max(len(p) for p in prompts)
     length = next(t for t in bucket_lengths(max_length) if t >= longest)
-    width = max(len(split.label_token_ids) for split in splits)
+    width = max([len(split.label_token_ids) for split in splits] + [num_choices or 0])
     n = len(prompts)
     table: Table = {
         "input_ids": np.full((n, length), pad_id, np.int32),
@@ -89,6 +92,11 @@ def eval_batches(table: Table, batch_size: int):
         for key in ("input_ids", "attention_mask"):
             batch[key] = batch[key][:, :length]
         yield batch, rows
+
+
+def eval_batch_count(table: Table, batch_size: int) -> int:
+    """How many batches :func:`eval_batches` yields: ⌈N / batch_size⌉."""
+    return -(-num_rows(table) // batch_size)
 
 
 def num_rows(table: Table) -> int:

@@ -28,6 +28,8 @@ from tqdm import tqdm
 from jax_ensemble.config import Config
 from jax_ensemble.core.linearize import forward_flops, resolve_strategy
 from jax_ensemble.core.projection import Projector, make_projector
+from jax_ensemble.data import load_suite, tokenize_split
+from jax_ensemble.data.tables import eval_batch_count, eval_batches, training_table
 from jax_ensemble.errors import CheckpointError, DataError, NumericalError
 from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata, lora_feature_split, lora_output_fn
 from jax_ensemble.stages.model import RunModel, load_run_model
@@ -102,9 +104,6 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     and, last, ``manifest.json``. Finished shards are skipped, so a killed run resumes; a
     shard failing its checksum is recomputed. ``model``: the run's loaded model (loaded here
     when not given). Returns the stage directory."""
-    from jax_ensemble.data import load_suite, tokenize_split
-    from jax_ensemble.data.batching import bucketed_batches, num_batches
-
     started = time.perf_counter()
     out_dir = gradients_dir(config)
     tasks = load_suite(config.tasks)
@@ -135,7 +134,8 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     todo = [p for p in plan if not _shard_done(shard_path(p[0].name, p[1], p[3]))]
     sub_splits = {id(p): dataclasses.replace(
         p[2], prompts=tuple(p[2].prompts[j] for j in p[4]), labels=p[2].labels[p[4]]) for p in todo}
-    total = sum(num_batches(sub_splits[id(p)], gc.batch_size, max_length) for p in todo)
+    tables = {id(p): training_table([sub_splits[id(p)]], pad_id=tokenizer.pad_id, max_length=max_length) for p in todo}
+    total = sum(eval_batch_count(tables[id(p)], gc.batch_size) for p in todo)
     strategies: dict[int, str] = {}
     bar = tqdm(total=total, desc="gradients", unit="batch", disable=not progress, file=sys.stderr)
     for p in todo:
@@ -145,7 +145,7 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
         out_shape = (len(rows),) if k == 2 else (len(rows), k)
         grads = np.zeros(out_shape + (gc.dim,), np.float32)
         f0 = np.zeros(out_shape, np.float32)
-        for batch, index in bucketed_batches(sub, gc.batch_size, max_length, tokenizer.pad_id):
+        for batch, index in eval_batches(tables[id(p)], gc.batch_size):
             t = batch["input_ids"].shape[1]
             if t not in strategies:
                 strategies[t] = resolve_strategy(

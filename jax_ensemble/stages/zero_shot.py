@@ -19,7 +19,9 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
-from jax_ensemble.data.batching import Batch, TokenizedSplit, bucketed_batches, num_batches, tokenize_split
+from jax_ensemble.core.batch import Batch
+from jax_ensemble.data.batching import TokenizedSplit, tokenize_split
+from jax_ensemble.data.tables import eval_batches, training_table
 from jax_ensemble.data.task import Task
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.tokenizer import Tokenizer
@@ -48,13 +50,15 @@ def split_label_logits(
 ) -> np.ndarray:
     """(N, K) label logits of every example of ``tokenized``, batch by batch.
 
-    ``num_choices`` >= K pads the label-token axis with -1 (see module doc)."""
+    ``num_choices`` >= K pads the label-token axis with -1 (see module doc); batches are
+    :func:`~jax_ensemble.data.tables.eval_batches` of the split's table."""
     k = len(tokenized.label_token_ids)
     out = np.zeros((len(tokenized.prompts), k), dtype=np.float32)
-    for batch, index in bucketed_batches(tokenized, batch_size, max_length, pad_id, num_choices):
+    table = training_table([tokenized], pad_id=pad_id, max_length=max_length, num_choices=num_choices)
+    for batch, rows in eval_batches(table, batch_size):
         z = logits_fn(batch)[:, :k]
-        real = index >= 0
-        out[index[real]] = z[real]
+        real = rows >= 0
+        out[rows[real]] = z[real]
         on_batch()
     return out
 
@@ -75,7 +79,7 @@ def evaluate_zero_shot(
     logits_fn = jitted_label_logits(model)
     tokenized = [tokenize_split(t, split, tokenizer, max_length) for t in tasks]
     width = max(t.num_classes for t in tasks)
-    total = sum(num_batches(tk, batch_size, max_length) for tk in tokenized)
+    total = sum(-(-len(tk.prompts) // batch_size) for tk in tokenized)
     results = []
     with tqdm(total=total, desc=f"zero-shot ({split})", unit="batch", file=sys.stderr, disable=not progress) as bar:
         for task, tk in zip(tasks, tokenized):
