@@ -1,7 +1,7 @@
 """Per-example projected gradients: our strategies vs a PyTorch reference of the official
 approach, and vs one LoRA training step, on the same batch of the default model.
 
-- ours: :func:`jax_ensemble.gradients.batch_gradients` (int8 base by default, LoRA rank 4
+- ours: :func:`jax_ensemble.models.lora_gradients.batch_gradients` (int8 base by default, LoRA rank 4
   on q/k/v, gradients w.r.t. the B matrices, d = 400 seeded Rademacher projection
   regenerated block by block), for each requested strategy;
 - reference (official approach): transformers' PyTorch ``LlamaForCausalLM`` loaded from
@@ -10,7 +10,7 @@ approach, and vs one LoRA training step, on the same batch of the default model.
   dense Rademacher matmul (the matrix is built before timing). Its B rows are our P's
   rows, so its projected gradients are compared with ours (``max_relative_difference``);
 - the practical limit: one plain LoRA training step
-  (:func:`jax_ensemble.training.make_train_step`) on the same batch.
+  (:func:`jax_ensemble.training.engine.make_train_step`) on the same batch.
 
 Every timing is the best of ``--repeats`` runs after one warm-up (compilation excluded).
 
@@ -55,11 +55,12 @@ def run(args: argparse.Namespace) -> dict:
     from flax import nnx
 
     from jax_ensemble.config import LoRAConfig, TrainingConfig
-    from jax_ensemble.gradients import batch_gradients, lora_feature_split
-    from jax_ensemble.lora import apply_lora, split_lora
+    from jax_ensemble.core.projection import lift, make_projector
     from jax_ensemble.models import load_pretrained
-    from jax_ensemble.projection import lift, make_projector
-    from jax_ensemble.training import classification_loss, init_state, make_optimizer, make_train_step
+    from jax_ensemble.models.lora import apply_lora, split_lora
+    from jax_ensemble.models.lora_gradients import batch_gradients, lora_feature_split
+    from jax_ensemble.training.engine import init_state, make_optimizer, make_train_step
+    from jax_ensemble.training.losses import classification_loss
 
     lora_config = LoRAConfig()
     model, tokenizer = load_pretrained(args.model, base_dtype=args.base_dtype)
@@ -183,7 +184,8 @@ def main() -> None:
     parser.add_argument("--strategies", default="reverse,auto", help="comma-separated: reverse, forward, auto")
     parser.add_argument("--direction-chunk", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--torch-threads", type=int, default=0, help="torch.set_num_threads for the reference (0: torch's default)")
+    parser.add_argument("--torch-threads", type=int, default=0,
+                        help="torch.set_num_threads for the reference (0: torch's default)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     result = run(args)

@@ -28,8 +28,8 @@ def measure_jax(model_name: str, base_dtype: str) -> dict:
     import jax.numpy as jnp
     import numpy as np
 
-    from jax_ensemble.lora import count_parameters
     from jax_ensemble.models import load_pretrained
+    from jax_ensemble.models.lora import count_parameters
 
     model, _ = load_pretrained(model_name, base_dtype=base_dtype)
     ids = jnp.asarray(np.random.default_rng(0).integers(0, model.config.vocab_size, (BATCH, LENGTH)), jnp.int32)

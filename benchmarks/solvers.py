@@ -3,7 +3,7 @@
 The official approach fits ``LogisticRegression(solver="lbfgs")`` once per task subset.
 Here the same objective Σ_i ℓ(y_i, ⟨g_i, w⟩) + λ‖w‖² (sklearn: C = 1/(2λ), no intercept,
 zero offsets since sklearn has none) is solved for every subset by
-:func:`jax_ensemble.affinity.estimate_subsets` in one jitted program, and by sklearn in a
+:func:`jax_ensemble.core.affinity.estimate_subsets` in one jitted program, and by sklearn in a
 Python loop. Data: ``--gradients DIR`` takes the binary tasks of a finished gradient stage
 (real projected gradients; each row's gold-relative features g get a random sign s with
 label [s > 0], which leaves ℓ unchanged and gives sklearn two classes; the base-output
@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import platform
-import sys
 import time
 
 import jax
@@ -33,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 
-from jax_ensemble import affinity, clustering, solvers
+from jax_ensemble.core import affinity, clustering, solvers
 
 
 def synthetic_gradients(num_tasks: int, rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -54,7 +53,7 @@ def synthetic_gradients(num_tasks: int, rows: int, dim: int, seed: int) -> tuple
 
 def gradient_stage_tasks(directory: str, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The binary tasks' training rows of a gradient stage: (G (N, d), labels (N,), task_ids (N,))."""
-    from jax_ensemble.gradient_stage import load_gradients
+    from jax_ensemble.stages.gradients import load_gradients
 
     rng = np.random.default_rng(seed)
     parts = [split["train"].grads for split in load_gradients(directory).values() if split["train"].f0.ndim == 1]

@@ -2,7 +2,7 @@
 
 Each row is a fresh process that loads SmolLM2-135M-Instruct (registry GGUF), attaches
 LoRA as in the default config (rank 4, alpha 32 on q/k/v; B = 0), and
-times the jitted train step of :mod:`jax_ensemble.training` (label-word cross-entropy,
+times the jitted train step of :mod:`jax_ensemble.training.engine` (label-word cross-entropy,
 clip + AdamW on the LoRA parameters only) on one fixed batch of BATCH × LENGTH random
 tokens (2 label words, answer at the last position): ``WARMUP`` untimed steps (compile),
 then ``STEPS`` timed ones. Peak memory is the process's peak RSS (``ru_maxrss``: loading
@@ -57,9 +57,10 @@ def measure_jax(base_dtype: str, steps: int) -> dict:
     import jax
 
     from jax_ensemble.config import LoRAConfig, TrainingConfig
-    from jax_ensemble.lora import apply_lora, split_lora
     from jax_ensemble.models import load_pretrained
-    from jax_ensemble.training import classification_loss, init_state, make_optimizer, make_train_step
+    from jax_ensemble.models.lora import apply_lora, split_lora
+    from jax_ensemble.training.engine import init_state, make_optimizer, make_train_step
+    from jax_ensemble.training.losses import classification_loss
 
     model, _ = load_pretrained(MODEL, base_dtype=base_dtype)
     apply_lora(model, LoRAConfig(), jax.random.key(0))

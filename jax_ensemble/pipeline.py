@@ -69,7 +69,7 @@ def compute_flops(config: Config, arch, tables: dict[str, Table], adapters: dict
                                            tables["train"]["label_token_ids"].shape[1], affinity["dim"],
                                            affinity["max_iterations"])
 
-    def training(names: Sequence[str]) -> float:
+    def fine_tuning_flops(names: Sequence[str]) -> float:
         return sum(accounting.BACKWARD_FACTOR * per_row["train"] * a["steps"] * config.training.batch_size
                    for n, a in adapters.items() if n in names)
 
@@ -78,15 +78,15 @@ def compute_flops(config: Config, arch, tables: dict[str, Table], adapters: dict
     test_rows = len(tables["test"]["label"])
     single_inference = per_row["test"] * test_rows
     ensemble_inference = per_row["test"] * test_rows * (num_groups + boosted + (1 if boosted else 0))
-    single_total = training(["single"]) + single_inference
-    ensemble_total = gradients + solves + training(groups + boosters) + ensemble_inference
+    single_total = fine_tuning_flops(["single"]) + single_inference
+    ensemble_total = gradients + solves + fine_tuning_flops(groups + boosters) + ensemble_inference
     return {
         "gradients": gradients,
         "affinity_solves": solves,
-        "training_single_adapter": training(["single"]),
-        "training_groups": training(groups),
-        "training_boosting": training(boosters),
-        "training_random_groups": training([n for n in adapters if n.startswith("random-")]),
+        "training_single_adapter": fine_tuning_flops(["single"]),
+        "training_groups": fine_tuning_flops(groups),
+        "training_boosting": fine_tuning_flops(boosters),
+        "training_random_groups": fine_tuning_flops([n for n in adapters if n.startswith("random-")]),
         "inference_single_adapter": single_inference,
         "inference_ensemble": ensemble_inference,
         "single_adapter_total": single_total,

@@ -6,10 +6,10 @@ import jax.numpy as jnp
 import pytest
 from flax import nnx
 
-from jax_ensemble.accounting import forward_flops, newton_solve_flops, peak_memory_bytes
-from jax_ensemble.classification import label_logits
-from jax_ensemble.linearize import forward_flops as xla_flops
+from jax_ensemble.core.linearize import forward_flops as xla_flops
 from jax_ensemble.models import LlamaConfig, LlamaForCausalLM
+from jax_ensemble.models.classification import label_logits
+from jax_ensemble.stages.accounting import forward_flops, newton_solve_flops, peak_memory_bytes
 
 CFG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)

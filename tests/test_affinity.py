@@ -10,7 +10,7 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import log_loss
 
-from jax_ensemble import affinity, solvers
+from jax_ensemble.core import affinity, solvers
 from jax_ensemble.errors import ConfigError, DataError, NumericalError
 
 

@@ -33,3 +33,15 @@ def test_every_top_level_module_sits_in_a_layer():
     """A new top-level module or package must be placed in the layers contract, or the rule would not cover it."""
     modules = {f"jax_ensemble.{m.name}" for m in pkgutil.iter_modules(jax_ensemble.__path__)}
     assert modules == set(_layers())
+
+
+def test_importing_the_package_starts_no_jax_backend():
+    """Multi-host runs call jax.distributed.initialize() after reading the config, which
+    must come before any JAX computation: importing a module may not create arrays."""
+    modules = sorted(m.name for m in pkgutil.walk_packages(jax_ensemble.__path__, "jax_ensemble."))
+    code = ("import importlib, sys\n"
+            f"for name in {modules!r}: importlib.import_module(name)\n"
+            "from jax._src import xla_bridge\n"
+            "sys.exit(1 if xla_bridge.backends_are_initialized() else 0)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, "a module starts the JAX backend at import\n" + result.stderr[-2000:]

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
-from jax_ensemble import clustering
+from jax_ensemble.core import clustering
 from jax_ensemble.errors import ConfigError, SolverError
 
 

@@ -12,23 +12,44 @@ import pytest
 from flax import nnx
 from scipy.optimize import minimize
 from sklearn.linear_model import Ridge
-
 from tiny_training import TINY, synthetic_table
-from jax_ensemble.classification import NO_CHOICE_LOGIT
-from jax_ensemble.config import LoRAConfig, TrainingConfig
-from jax_ensemble.ensemble import (
-    add_booster, boost_closed_form, boost_trained, boosting_loss, boosting_offsets, closed_form_step, ensemble_logits,
-    ensemble_loss, ensemble_table_logits, fit_convex_weights, fit_ensemble_weights, group_losses,
-    lifted_adapter, linear_boost, logit_features, make_ensemble, ridge_fit, stacked_label_logits,
-    stacked_table_logits, table_features,
+
+from jax_ensemble.core.ensemble import (
+    add_booster,
+    boosting_offsets,
+    closed_form_step,
+    ensemble_loss,
+    fit_convex_weights,
+    fit_ensemble_weights,
+    group_losses,
+    linear_boost,
+    logit_features,
+    make_ensemble,
+    ridge_fit,
 )
+from jax_ensemble.core.losses import NO_CHOICE_LOGIT
+from jax_ensemble.core.projection import make_projector
+from jax_ensemble.core.trees import stack_trees, unstack_tree
+from jax_ensemble.data.tables import eval_batches
 from jax_ensemble.errors import ConfigError, DataError, NumericalError
-from jax_ensemble.gradient_stage import SplitGradients
-from jax_ensemble.gradients import batch_gradients, lora_feature_split
-from jax_ensemble.lora_ensembles import init_member_adapters, member_logits_fn, stack_trees, unstack_tree
 from jax_ensemble.models import LlamaForCausalLM
-from jax_ensemble.projection import make_projector
-from jax_ensemble.training import eval_batches
+from jax_ensemble.models.lora import LoRAConfig, init_member_adapters
+from jax_ensemble.models.lora_gradients import batch_gradients, lora_feature_split
+from jax_ensemble.stages.ensemble import (
+    boost_closed_form,
+    boost_trained,
+    ensemble_logits,
+    ensemble_table_logits,
+    lifted_adapter,
+    stacked_label_logits,
+    stacked_table_logits,
+    table_features,
+)
+from jax_ensemble.stages.gradients import SplitGradients
+from jax_ensemble.stages.uq import member_logits_fn
+from jax_ensemble.training.losses import boosting_objective, objective_loss
+from jax_ensemble.training.mesh import make_mesh
+from jax_ensemble.training.settings import MeshConfig, TrainingConfig
 
 
 @functools.cache
@@ -214,13 +235,15 @@ def test_trained_boosting_lowers_the_training_loss_of_a_weak_ensemble():
     # at B = 0 the boosting adapter reproduces the ensemble: its loss is CE(F)
     z_base = stacked_table_logits(graphdef, stack_trees([fresh]), base, train, batch_size=16)[0]
     batch = {**{k: jnp.asarray(v) for k, v in train.items()}, "offset_logits": boosting_offsets(before, z_base)}
-    total, weight = boosting_loss(graphdef)(fresh, base, batch, None)
+    total, weight = objective_loss(boosting_objective(graphdef))(fresh, base, batch, None)
     assert float(total / weight) == pytest.approx(_train_loss(before, train), rel=1e-4)
+    mesh = make_mesh(MeshConfig())
     with pytest.raises(ConfigError, match="fresh adapter"):
-        boost_trained(graphdef, weak, unstack_tree(members)[0], base, train, groups, TrainingConfig(), progress=False)
+        boost_trained(graphdef, weak, unstack_tree(members)[0], base, train, groups, TrainingConfig(), mesh,
+                      progress=False)
     config = TrainingConfig(learning_rate=2e-2, warmup_steps=0, max_steps=12, batch_size=8, max_grad_norm=1.0,
                             weight_decay=0.0)
-    boosted, chosen = boost_trained(graphdef, weak, fresh, base, train, groups, config, steps=1, step_size=0.5,
+    boosted, chosen = boost_trained(graphdef, weak, fresh, base, train, groups, config, mesh, steps=1, step_size=0.5,
                                     batch_size=16, progress=False)
     assert chosen == [int(np.argmax(losses))]
     after = ensemble_table_logits(graphdef, boosted, base, train, batch_size=16)

@@ -6,11 +6,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from sklearn.metrics import accuracy_score, log_loss
-
-from jax_ensemble.classification import NO_CHOICE_LOGIT
-from jax_ensemble.estimate_validation import per_task, subset_adapter_name, summarize, task_scores, timing
-from jax_ensemble.suite_training import training_seconds
 from test_cli import assert_one_line_error, cli
+
+from jax_ensemble.models.classification import NO_CHOICE_LOGIT
+from jax_ensemble.stages.adapters import wall_seconds_of
+from jax_ensemble.stages.estimate_validation import per_task, subset_adapter_name, summarize, task_scores, timing
 
 
 def test_task_scores_match_sklearn_with_padded_choices():
@@ -86,5 +86,5 @@ def test_cli_rejects_a_subset_count_outside_the_stage(tmp_path):
 
 def test_training_seconds_sum_the_step_records_of_resumed_runs():
     history = [{"step": 1, "seconds": 1.5}, {"step": 2, "seconds": 0.25}, {"step": 3, "seconds": 0.25}]
-    assert training_seconds(history) == pytest.approx(2.0)
-    assert training_seconds(history + [{"step": 4}]) is None  # a step recorded before timing existed
+    assert wall_seconds_of(history) == pytest.approx(2.0)
+    assert wall_seconds_of(history + [{"step": 4}]) is None  # a step recorded before timing existed

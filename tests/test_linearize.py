@@ -16,9 +16,7 @@ import pytest
 from flax import nnx
 
 from jax_ensemble.config import LoRAConfig
-from jax_ensemble.errors import ConfigError
-from jax_ensemble.gradients import batch_gradients, lora_feature_split, lora_output_fn
-from jax_ensemble.linearize import (
+from jax_ensemble.core.linearize import (
     choose_strategy,
     classification_output,
     linearization_errors,
@@ -26,9 +24,11 @@ from jax_ensemble.linearize import (
     projected_gradients,
     strategy_costs,
 )
-from jax_ensemble.lora import apply_lora, split_lora
-from jax_ensemble.models.llama import LlamaConfig, LlamaForCausalLM
-from jax_ensemble.projection import lift, make_projector
+from jax_ensemble.core.projection import lift, make_projector
+from jax_ensemble.errors import ConfigError
+from jax_ensemble.models.llama.modeling import LlamaConfig, LlamaForCausalLM
+from jax_ensemble.models.lora import apply_lora, split_lora
+from jax_ensemble.models.lora_gradients import batch_gradients, lora_feature_split, lora_output_fn
 
 CFG = LlamaConfig(vocab_size=61, hidden_size=24, intermediate_size=40, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=6, tie_word_embeddings=True)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from jax_ensemble.classification import label_logits, lora_label_logits_fn
 from jax_ensemble.config import LoRAConfig
 from jax_ensemble.errors import ConfigError
-from jax_ensemble.lora import apply_lora, count_parameters, split_lora, merge_lora
+from jax_ensemble.models.classification import label_logits, lora_label_logits_fn
 from jax_ensemble.models.layers import QuantizedWeight
-from jax_ensemble.models.llama import LlamaConfig, LlamaForCausalLM
+from jax_ensemble.models.llama.modeling import LlamaConfig, LlamaForCausalLM
+from jax_ensemble.models.lora import apply_lora, count_parameters, merge_lora, split_lora
 
 CFG = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)

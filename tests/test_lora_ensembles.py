@@ -1,4 +1,5 @@
-"""LoRA ensembles: stacked-member training equals members trained one by one, KL penalty, MC dropout."""
+"""LoRA ensembles: the engine's stacked members equal members trained one by one, KL penalty,
+MC dropout, the training table."""
 
 from __future__ import annotations
 
@@ -7,18 +8,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-
 from tiny_training import TINY, synthetic_table
-from jax_ensemble.classification import label_logits
-from jax_ensemble.config import LoRAConfig, MeshConfig, TrainingConfig
-from jax_ensemble.lora_ensembles import (
-    init_member_adapters, kl_regularized_loss, member_logits_fn, stack_trees, train_members, unstack_tree,
+
+from jax_ensemble.core.trees import stack_trees, unstack_tree
+from jax_ensemble.data.tables import training_table
+from jax_ensemble.models import LlamaForCausalLM
+from jax_ensemble.models.classification import label_logits
+from jax_ensemble.models.lora import LoRAConfig, init_member_adapters
+from jax_ensemble.stages.uq import member_logits_fn
+from jax_ensemble.training.engine import train
+from jax_ensemble.training.losses import (
+    classification_objective,
+    kl_regularized_objective,
+    objective_loss,
     with_base_logits,
 )
-from jax_ensemble.models import LlamaForCausalLM
-from jax_ensemble.sharding import make_mesh
-from jax_ensemble.tasks.tables import training_table
-from jax_ensemble.training import classification_loss, train_adapter
+from jax_ensemble.training.mesh import make_mesh
+from jax_ensemble.training.settings import MeshConfig, TrainingConfig
 
 CONFIG = TrainingConfig(learning_rate=3e-3, warmup_steps=2, max_steps=6, batch_size=4, max_grad_norm=1.0,
                         weight_decay=0.01)
@@ -30,18 +36,31 @@ def members(seeds, dropout=0.0):
 
 
 def test_stacked_members_equal_members_trained_one_by_one():
-    """Reference: the sequential training loop (training.train_adapter on a 1-device mesh)."""
+    """The engine's stacked path (M = 2 members, one vmapped step, LoRA dropout on, 2
+    micro-batches, validation every 2 steps) against ``train(..., seeds=[s_m])`` of each
+    member alone: the same per-step losses, validation losses and (best) adapters, to
+    float32 tolerance (only the vmapped reductions' order may differ)."""
     seeds = [3, 11]
-    graphdef, loras, base = members(seeds)
-    table = synthetic_table(24)
-    stacked = train_members(classification_loss(graphdef), loras, base, table, CONFIG, seeds=seeds, progress=False)
-    mesh = make_mesh(MeshConfig(data=1), jax.devices()[:1])
+    graphdef, loras, base = members(seeds, dropout=0.1)
+    table, validation = synthetic_table(24), synthetic_table(8, seed=1)
+    config = TrainingConfig(**{**CONFIG.__dict__, "grad_accum_steps": 2, "eval_every": 2, "eval_batch_size": 8})
+    objective = classification_objective(graphdef)
+    mesh = make_mesh(MeshConfig())
+    stacked = train(objective, loras, base, table, config, mesh, seeds=seeds, stacked=True, validation=validation,
+                    dropout=True, progress=False)
+    assert stacked.step == config.max_steps and len(stacked.history) == config.max_steps
     for m, (seed, lora) in enumerate(zip(seeds, unstack_tree(loras))):
-        alone = train_adapter(graphdef, lora, base, table, None, CONFIG, mesh, seed=seed, progress=False).lora
-        for a, b in zip(jax.tree.leaves(alone), jax.tree.leaves(unstack_tree(stacked)[m])):
+        alone = train(objective, lora, base, table, config, mesh, seeds=[seed], validation=validation, dropout=True,
+                      progress=False)
+        for a, b in zip(jax.tree.leaves(alone.lora), jax.tree.leaves(unstack_tree(stacked.lora)[m])):
             np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
-    first, second = unstack_tree(stacked)
+        for key in ("loss", "grad_norm", "val_loss"):
+            np.testing.assert_allclose([r[key][m] for r in stacked.history if key in r],
+                                       [r[key] for r in alone.history if key in r], rtol=1e-5, err_msg=key)
+    first, second = unstack_tree(stacked.lora)
     assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(second)))
+    initial = unstack_tree(loras)[0]
+    assert any(not np.allclose(a, b) for a, b in zip(jax.tree.leaves(first), jax.tree.leaves(initial)))
 
 
 def test_kl_penalty_matches_closed_form():
@@ -54,14 +73,14 @@ def test_kl_penalty_matches_closed_form():
     logits = np.asarray(label_logits(model, batch), np.float64)
     base_logits = np.random.default_rng(0).normal(size=logits.shape)
     batch = with_base_logits(batch, base_logits)
-    loss, weight = kl_regularized_loss(graphdef, beta=0.5)(lora, base, batch, None)
+    loss, weight = objective_loss(kl_regularized_objective(graphdef, beta=0.5))(lora, base, batch, None)
     log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
     log_q = base_logits - np.log(np.exp(base_logits).sum(1, keepdims=True))
     ce = -log_p[np.arange(6), table["label"]]
     kl = (np.exp(log_q) * (log_q - log_p)).sum(1)
     assert float(weight) == 6.0
     assert float(loss) == pytest.approx(float((ce + 0.5 * kl).sum()), rel=1e-5)
-    zero, _ = kl_regularized_loss(graphdef, beta=0.0)(lora, base, batch, None)
+    zero, _ = objective_loss(kl_regularized_objective(graphdef, beta=0.0))(lora, base, batch, None)
     assert float(zero) == pytest.approx(float(ce.sum()), rel=1e-5)
 
 
@@ -78,7 +97,7 @@ def test_mc_dropout_samples_differ_only_with_keys():
 
 
 def test_training_table_pads_rows_and_choices():
-    from jax_ensemble.tasks.batching import TokenizedSplit
+    from jax_ensemble.data.batching import TokenizedSplit
 
     two = TokenizedSplit("a", (np.array([5, 6, 7], np.int32), np.array([8], np.int32)), np.array([1, 2], np.int32),
                          np.array([0, 1], np.int32), 0)

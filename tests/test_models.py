@@ -8,13 +8,13 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import TINY, save_tiny_hf, torch_logits
+
 from jax_ensemble.errors import CheckpointError
 from jax_ensemble.models import load_pretrained
 from jax_ensemble.models.checkpoint_files import SafetensorsFiles
-from jax_ensemble.models.llama import LlamaConfig
-from jax_ensemble.models.params import load_llama
+from jax_ensemble.models.llama.modeling import LlamaConfig
+from jax_ensemble.models.llama.params import load_llama
 
 pytest.importorskip("torch")
 

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from jax_ensemble.errors import DataError
-from jax_ensemble.package_index import fetch_package_members
+from jax_ensemble.storage.packages import fetch_package_members
 
 SIX_WHEEL_SHA256 = "8abb2f1d86890a2dfb989f9a77cfcfd3e47c2a354b01111771326f8aa26e0254"  # six==1.16.0, py2.py3 wheel
 

@@ -6,14 +6,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import TINY
 from flax import nnx
 
-from conftest import TINY
 from jax_ensemble.config import LoRAConfig
 from jax_ensemble.errors import ConfigError
-from jax_ensemble.lora import apply_lora, linear_modules
 from jax_ensemble.models import load_pretrained
-from jax_ensemble.peft_export import export_peft_adapter
+from jax_ensemble.models.lora import apply_lora, linear_modules
+from jax_ensemble.models.peft_export import export_peft_adapter
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from jax_ensemble.gradient_stage import load_gradients
 from test_cli import assert_one_line_error, cli
+
+from jax_ensemble.stages.gradients import load_gradients
 
 METHODS = {"zero_shot", "single_adapter", "random_groups", "ensemble"}
 
@@ -33,13 +33,17 @@ def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     peft = json.loads((tmp_path / "peft" / "group-0" / "adapter_config.json").read_text())
     assert peft["r"] == 4 and peft["lora_alpha"] == 32.0
+    assert metrics["boosting_steps"] == 1 and (tmp_path / "adapters" / "boost-0" / "checkpoints").is_dir()
+    trained = {p: p.read_text() for p in (tmp_path / "adapters").glob("*/metrics.jsonl")}
+    assert {p.parent.name for p in trained} >= {"single", "group-0", "random-0", "boost-0"}
     check_estimates(tmp_path)
-    # a rerun reuses every finished stage and adapter, reproduces the numbers, and now
-    # reports the estimates-vs-fine-tuning check with its scatter
+    # a rerun reuses every finished stage and adapter (boosting included: nothing is trained
+    # again), reproduces the numbers, and now reports the estimates-vs-fine-tuning check
     again = cli("run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}", timeout=2400)
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads((tmp_path / "metrics.json").read_text())
     assert rerun["per_task_accuracy"] == metrics["per_task_accuracy"]
+    assert {p: p.read_text() for p in trained} == trained
     assert rerun["estimate_validation"]["subsets"] == 2 and (tmp_path / "estimates.png").is_file()
     assert "![estimates](estimates.png)" in (tmp_path / "report.md").read_text()
 

@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jax_ensemble.generate import greedy_generate
 from jax_ensemble.models import load_pretrained, resolve_model_files
+from jax_ensemble.models.generate import greedy_generate
 
 TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital and most populous city "
         "of France, with an estimated population of two million residents.")

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
-
-from jax_ensemble.config import MeshConfig, TrainingConfig, check_batch_divisible
-from jax_ensemble.errors import ConfigError
-from jax_ensemble.checkpointing import flatten
-from jax_ensemble.sharding import AXES, make_mesh, partition_spec
+from jax.sharding import AbstractMesh
+from jax.sharding import PartitionSpec as P
 from training_worker import SHORT, run, spawn
+
+from jax_ensemble.errors import ConfigError
+from jax_ensemble.training.checkpoints import flatten
+from jax_ensemble.training.mesh import AXES, make_mesh, partition_spec
+from jax_ensemble.training.settings import MeshConfig, TrainingConfig, check_batch_divisible
 
 
 def finish(process: subprocess.Popen, timeout: float = 300) -> None:
@@ -43,6 +44,9 @@ def test_partition_rules_cover_int8_base_lora_optimizer_state_and_batches():
     assert partition_spec("opt_state.1.0.count", (), mesh) == P()
     # a dimension the mesh axes do not divide is replicated
     assert partition_spec("layers.self_attn.k_proj.kernel", (30, 576, 3), mesh) == P(None, "fsdp", None)
+    # a rule with more axes than the array is a config error naming the rule and the array
+    with pytest.raises(ConfigError, match=r"has 3 axes but layers.self_attn.q_proj.kernel has shape \(576, 576\)"):
+        partition_spec("layers.self_attn.q_proj.kernel", (576, 576), mesh)
 
 
 def test_batch_size_not_divisible_by_data_axes_is_a_clear_error():

@@ -9,7 +9,7 @@ import pytest
 import scipy.optimize
 from sklearn.linear_model import LogisticRegression
 
-from jax_ensemble import solvers
+from jax_ensemble.core import solvers
 from jax_ensemble.errors import ConfigError
 
 N, D, K, L2 = 240, 12, 3, 0.3

@@ -10,9 +10,9 @@ import pytest
 
 from jax_ensemble.cli import main
 from jax_ensemble.config import TasksConfig
-from jax_ensemble.tasks import SUITES, load_task, render_prompt
-from jax_ensemble.tasks.batching import label_token_ids
-from jax_ensemble.tasks.offline import OFFLINE_TASKS
+from jax_ensemble.data import SUITES, load_task, render_prompt
+from jax_ensemble.data.batching import label_token_ids
+from jax_ensemble.data.offline import OFFLINE_TASKS
 
 DEFAULT = TasksConfig()
 
@@ -89,7 +89,7 @@ def test_real_model_zero_shot_matches_a_left_padded_full_vocabulary_reference():
     import jax.numpy as jnp
 
     from jax_ensemble.models import load_pretrained
-    from jax_ensemble.tasks.zero_shot import evaluate_zero_shot
+    from jax_ensemble.stages.zero_shot import evaluate_zero_shot
 
     model, tok = load_pretrained("smollm2-135m", base_dtype="int8")
     task = load_task("vitaminc", TasksConfig(validation_size=8))

@@ -11,22 +11,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_training import synthetic_table, tiny_split
 
-from jax_ensemble.config import MeshConfig, TrainingConfig, load_config
+from jax_ensemble.config import load_config
+from jax_ensemble.core.losses import weighted_cross_entropy
+from jax_ensemble.core.trees import stack_trees, unstack_tree
+from jax_ensemble.data.tables import batch_indices, take_batch
 from jax_ensemble.errors import ConfigError, TrainingError
-from jax_ensemble.sharding import make_mesh
-from jax_ensemble.training import (
-    batch_indices,
-    classification_loss,
+from jax_ensemble.models.classification import label_logits
+from jax_ensemble.models.lora import merge_lora
+from jax_ensemble.training.engine import (
     early_stopping_update,
     init_state,
     make_optimizer,
     make_train_step,
-    take_batch,
-    train_adapter,
-    weighted_cross_entropy,
+    train,
 )
-from tiny_training import synthetic_table, tiny_split
+from jax_ensemble.training.losses import classification_loss, classification_objective
+from jax_ensemble.training.mesh import make_mesh
+from jax_ensemble.training.settings import MeshConfig, TrainingConfig
 
 
 def test_weighted_cross_entropy_matches_numpy():
@@ -151,12 +154,14 @@ def test_train_logs_checkpoints_stops_early_and_resumes(tmp_path):
     as training fits: training stops after `patience` evaluations without improvement and
     returns the best adapter. Re-running in the same directory resumes at the end."""
     graphdef, lora, base = tiny_split()
-    train = synthetic_table(32)
-    flipped = dict(train, label=1 - train["label"])
+    table = synthetic_table(32)
+    flipped = dict(table, label=1 - table["label"])
     config = TrainingConfig(learning_rate=5e-2, warmup_steps=0, max_steps=40, batch_size=8,
                             eval_every=2, patience=2, checkpoint_every=2, keep_last=2)
     mesh = make_mesh(MeshConfig())
-    result = train_adapter(graphdef, lora, base, train, flipped, config, mesh, seed=0, run_dir=tmp_path, progress=False)
+    objective = classification_objective(graphdef)
+    result = train(objective, lora, base, table, config, mesh, seeds=[0], validation=flipped, run_dir=tmp_path,
+                   progress=False)
     assert result.stopped_early and result.step < 40
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, result.step + 1))
@@ -165,13 +170,61 @@ def test_train_logs_checkpoints_stops_early_and_resumes(tmp_path):
     best = min(range(len(val)), key=val.__getitem__)
     assert len(val) - 1 - best == 2
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [result.step - 2, result.step]
-    again = train_adapter(graphdef, lora, base, train, flipped, config, mesh, seed=0, run_dir=tmp_path, progress=False)
+    again = train(objective, lora, base, table, config, mesh, seeds=[0], validation=flipped, run_dir=tmp_path,
+                  progress=False)
     assert again.step == result.step and again.checkpoint == result.checkpoint
     for a, b in zip(jax.tree.leaves(result.lora), jax.tree.leaves(again.lora)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     with pytest.raises(Exception, match="different run"):
-        train_adapter(graphdef, lora, base, train, flipped, TrainingConfig(**{**config.__dict__, "learning_rate": 1e-3}),
-                      mesh, seed=0, run_dir=tmp_path, progress=False)
+        train(objective, lora, base, table, TrainingConfig(**{**config.__dict__, "learning_rate": 1e-3}), mesh,
+              seeds=[0], validation=flipped, run_dir=tmp_path, progress=False)
+
+
+def test_stacked_members_keep_their_own_best_adapter_and_stop_together():
+    """Two stacked members (different LoRA initialisation and data order), validation after
+    every step, patience 2. Each member's returned adapter is exactly the adapter it had
+    at its own lowest validation loss (recorded after every step through ``on_step``),
+    and a numpy cross-entropy of the model's label logits with that adapter reproduces
+    the logged minimum. The members peak at different steps, and training stops at the
+    first step at which every member (not just one) has gone ``patience`` evaluations
+    without improving."""
+    graphdef, lora, base = tiny_split()
+    other = tiny_split(seed=1)[1]  # another random adapter of the same structure
+    table, validation = synthetic_table(32), synthetic_table(16, seed=1)
+    config = TrainingConfig(learning_rate=3e-2, warmup_steps=0, max_steps=16, batch_size=8, eval_every=1,
+                            patience=2, eval_batch_size=16)
+    seen = {}
+
+    def record(step, state):
+        seen[step] = unstack_tree(jax.device_get(state.lora))
+
+    result = train(classification_objective(graphdef), stack_trees([lora, other]), base, table, config,
+                   make_mesh(MeshConfig()), seeds=[0, 5], stacked=True, validation=validation, progress=False,
+                   on_step=record)
+    assert [r["step"] for r in result.history] == list(range(1, result.step + 1)) == sorted(seen)
+    val = np.array([r["val_loss"] for r in result.history])  # (steps, M): one evaluation per step
+    best = np.argmin(val, axis=0)  # first minimum: a tie is no improvement
+
+    def exhausted(evaluations: int, m: int) -> bool:
+        """Member m has gone `patience` evaluations without a new minimum after `evaluations`."""
+        return evaluations - 1 - int(np.argmin(val[:evaluations, m])) >= config.patience
+
+    stop = next(s for s in range(1, len(val) + 1) if all(exhausted(s, m) for m in range(2)))
+    assert result.stopped_early and result.step == stop < config.max_steps
+    assert best[0] != best[1], "the members must peak at different steps for this test to discriminate"
+    assert any(exhausted(s, m) for s in range(1, stop) for m in range(2)), "one member must wait for the other"
+    batch = {k: jnp.asarray(v) for k, v in validation.items()}
+    for m, member in enumerate(unstack_tree(jax.device_get(result.lora))):
+        for got, expected in zip(jax.tree.leaves(member), jax.tree.leaves(seen[int(best[m]) + 1][m])):
+            np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+        logits = np.asarray(label_logits(merge_lora(graphdef, member, base), batch), np.float64)
+        log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+        nll = -log_p[np.arange(len(logits)), validation["label"]].mean()
+        assert nll == pytest.approx(val[best[m], m], rel=1e-5)
+        if best[m] + 1 < result.step:  # a member that went on training after its best kept the best
+            last = seen[result.step][m]
+            assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(last)))
+    assert min(best) + 1 < result.step
 
 
 def test_non_finite_loss_is_a_clear_error():
@@ -180,7 +233,11 @@ def test_non_finite_loss_is_a_clear_error():
     table["weight"] = np.full(8, np.nan, np.float32)
     config = TrainingConfig(max_steps=2, batch_size=8)
     with pytest.raises(TrainingError, match="non-finite loss or gradient at step 1"):
-        train_adapter(graphdef, lora, base, table, None, config, make_mesh(MeshConfig()), seed=0, progress=False)
+        train(classification_objective(graphdef), lora, base, table, config, make_mesh(MeshConfig()), seeds=[0],
+              progress=False)
+    with pytest.raises(TrainingError, match="one adapter trains with one seed, got 2"):
+        train(classification_objective(graphdef), lora, base, synthetic_table(8), config, make_mesh(MeshConfig()),
+              seeds=[0, 1], progress=False)
 
 
 @pytest.mark.parametrize(
@@ -213,9 +270,8 @@ def test_int8_training_does_not_keep_float_copies_of_the_base():
     (which would add ~4 bytes per base weight)."""
     from flax import nnx
 
-    from jax_ensemble.config import LoRAConfig
-    from jax_ensemble.lora import apply_lora, split_lora
     from jax_ensemble.models import LlamaConfig, LlamaForCausalLM
+    from jax_ensemble.models.lora import LoRAConfig, apply_lora, split_lora
 
     wide = LlamaConfig(vocab_size=96, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True)

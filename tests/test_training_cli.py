@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from test_tasks import write_spec
 
 from jax_ensemble.cli import main
-from test_tasks import write_spec
 
 
 def _spec(tmp_path):
@@ -30,8 +30,17 @@ def test_train_reports_per_task_and_zero_shot_accuracy_and_a_checkpoint(tiny_hf_
     assert [r["step"] for r in records] == list(range(1, 13)) and "val_loss" in records[5]
     assert json.loads((tmp_path / "run" / "train.json").read_text())["steps"] == 12
     # the same command again finds the finished run and reports the same adapter's accuracy
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
     assert main(args) == 0
     assert json.loads(capsys.readouterr().out)["per_task_accuracy"] == out["per_task_accuracy"]
+    # so does a renamed config with other settings of later stages: the adapter's fingerprint is
+    # what determines it (model, LoRA, tasks, training, seed), shared with `jax-ensemble run`
+    assert main(args + ["name=renamed", "uq.members=3", "clustering.num_groups=2"]) == 0
+    assert json.loads(capsys.readouterr().out)["per_task_accuracy"] == out["per_task_accuracy"]
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics  # nothing retrained
+    # a setting that determines the adapter refuses the old checkpoints with one line
+    assert main(args + ["training.learning_rate=2e-2"]) == 2
+    assert "different run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

@@ -11,11 +11,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from jax_ensemble.checkpointing import flatten
-from jax_ensemble.config import MeshConfig
-from jax_ensemble.sharding import make_mesh
 from training_worker import LONG, run, spawn
+
+from jax_ensemble.config import MeshConfig
+from jax_ensemble.training.checkpoints import flatten
+from jax_ensemble.training.mesh import make_mesh
+
 
 def _steps_logged(run_dir: Path) -> int:
     metrics = run_dir / "metrics.jsonl"

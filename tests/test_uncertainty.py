@@ -1,14 +1,20 @@
-"""Uncertainty metrics against METHOD.md's hand-checkable vector, loops and scikit-learn."""
+"""Uncertainty metrics against a hand-checkable vector, loops and scikit-learn."""
 
 from __future__ import annotations
 
-import numpy as np
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from jax_ensemble.uncertainty import (
-    auroc, brier_score, calibration_report, expected_calibration_error, negative_log_likelihood,
-    ood_auroc, predictive, reliability_bins,
+from jax_ensemble.core.uncertainty import (
+    auroc,
+    brier_score,
+    calibration_report,
+    expected_calibration_error,
+    negative_log_likelihood,
+    ood_auroc,
+    predictive,
+    reliability_bins,
 )
 
 P1 = np.array([.51, .45, .39, .66, .68, .29, .81, .85])

@@ -1,14 +1,153 @@
-"""The ``uq`` command end to end on the real model and real tasks (tiny sizes)."""
+"""The ``uq`` stage: every reported metric recomputed independently, on a tiny
+transformers-written Llama and two local tasks (numpy and scikit-learn metrics from the
+logits the stage scored, those logits from the trained adapters run through the model
+here); the ``uq`` command end to end on the real model and real tasks (slow); bad configs."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
-
+from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score
 from test_cli import assert_one_line_error, cli
+from test_gradient_stage import write_suite
+
+import jax_ensemble.stages.uq as uq_stage
+from jax_ensemble.config import config_from_dict
+from jax_ensemble.core.trees import unstack_tree
+from jax_ensemble.data import load_task, tokenize_split
+from jax_ensemble.data.tables import training_table
+from jax_ensemble.models.classification import label_logits
+from jax_ensemble.models.loading import load_pretrained
+from jax_ensemble.models.lora import init_member_adapters, merge_lora
 
 METRICS = {"accuracy", "ece", "nll", "brier", "ood_auroc"}
+NUM_BINS = 5
+
+
+def _probabilities(logits: np.ndarray) -> np.ndarray:
+    """Mean over samples of the softmax of (S, N, K) logits, in float64."""
+    z = logits.astype(np.float64)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    return (p / p.sum(-1, keepdims=True)).mean(0)
+
+
+def _ece(probs: np.ndarray, labels: np.ndarray, num_bins: int) -> float:
+    """Σ_b (n_b/N)|acc_b − conf_b| over right-closed bins ((b−1)/B, b/B] of top-label confidence."""
+    confidence, hit = probs.max(1), probs.argmax(1) == labels
+    total = 0.0
+    for b in range(num_bins):
+        lo, hi = b / num_bins, (b + 1) / num_bins
+        inside = (confidence > lo) & (confidence <= hi) if b else (confidence <= hi)
+        if inside.any():
+            total += inside.mean() * abs(hit[inside].mean() - confidence[inside].mean())
+    return total
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    return -np.sum(probs * np.log(probs), axis=1)
+
+
+def _expected_metrics(id_logits, labels, ood_logits) -> dict[str, float]:
+    p_in, p_out = _probabilities(id_logits), _probabilities(ood_logits)
+    assert p_in.shape[1] == 2  # the answer space of the binary in-distribution task
+    is_ood = np.r_[np.zeros(len(p_in)), np.ones(len(p_out))]
+    return {
+        "accuracy": float(np.mean(p_in.argmax(1) == labels)),
+        "ece": _ece(p_in, labels, NUM_BINS),
+        "nll": log_loss(labels, p_in, labels=[0, 1]),
+        "brier": 2 * brier_score_loss(labels, p_in[:, 1]),  # Σ_k (p_k − y_k)² = 2 (p_1 − y_1)² for K = 2
+        "ood_auroc": roc_auc_score(is_ood, np.r_[-p_in.max(1), -p_out.max(1)]),
+        "ood_auroc_entropy": roc_auc_score(is_ood, np.r_[_entropy(p_in), _entropy(p_out)]),
+    }
+
+
+def test_uq_metrics_match_an_independent_recomputation(tiny_hf_dir, tmp_path, monkeypatch):
+    """Tiny model, in-distribution ``polar`` (binary), out-of-distribution ``three`` (its
+    prompts answered with polar's label words), M = 2, the KL variant on (weight decay off:
+    the variant is the same training with another optimizer setting, and costs a run).
+    The logits each method was scored on are captured from ``method_metrics``; the trained
+    adapters from the engine. Checked: every metric against numpy / scikit-learn on those
+    logits; the members' in- and out-of-distribution logits against the trained adapters
+    run through the merged model here; ``single`` is member 0 of the ensemble; the KL
+    reference is the base model's label logits; MC-dropout samples differ."""
+    suite_dir = tmp_path / "suite"
+    suite_dir.mkdir()
+    write_suite(suite_dir)
+    polar, three = str(suite_dir / "polar.yaml"), str(suite_dir / "three.yaml")
+    config = config_from_dict({
+        "run_dir": str(tmp_path / "run"), "seed": 4,
+        "model": {"source": str(tiny_hf_dir), "base_dtype": "int8"},
+        "lora": {"rank": 2, "alpha": 8.0},
+        "tasks": {"train_size": 12, "validation_size": 4, "test_size": 8, "max_length": 32, "batch_size": 4},
+        "training": {"max_steps": 3, "batch_size": 4, "learning_rate": 0.05, "warmup_steps": 0},
+        "uq": {"in_distribution": [polar], "out_of_distribution": [three], "members": 2, "kl_penalty": 0.5,
+               "num_bins": NUM_BINS},
+    })
+    scored, trained = [], []
+    metrics_fn, engine_train = uq_stage.method_metrics, uq_stage.train
+
+    def spy_metrics(id_logits, id_labels, ood_logits, num_bins):
+        scored.append((np.array(id_logits), np.array(id_labels), np.array(ood_logits)))
+        return metrics_fn(id_logits, id_labels, ood_logits, num_bins)
+
+    def spy_train(objective, lora, base, table, training, mesh, **kwargs):
+        result = engine_train(objective, lora, base, table, training, mesh, **kwargs)
+        trained.append({"table": table, "training": training, "seeds": kwargs["seeds"], "lora": result.lora})
+        return result
+
+    monkeypatch.setattr(uq_stage, "method_metrics", spy_metrics)
+    monkeypatch.setattr(uq_stage, "train", spy_train)
+    summary = uq_stage.run_uq(config, progress=False)
+    results = summary["results"]
+    assert list(results) == ["single", "ensemble", "ensemble_kl", "mc_dropout"]
+    assert json.loads((tmp_path / "run" / "uq" / "results.json").read_text())["results"] == results
+    assert (tmp_path / "run" / "uq" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert summary["test_examples"] == {"in_distribution": 8, "out_of_distribution": 8}
+
+    # 1. metrics from the scored logits, independently
+    for name, (id_logits, labels, ood_logits) in zip(results, scored):
+        samples = 1 if name == "single" else 2
+        assert id_logits.shape == (samples, 8, 2) and ood_logits.shape == (samples, 8, 2), name
+        expected = _expected_metrics(id_logits, labels, ood_logits)
+        assert results[name].keys() >= METRICS
+        for key, value in expected.items():
+            assert results[name][key] == pytest.approx(value, rel=1e-5, abs=1e-6), (name, key)
+
+    # 2. the scored logits from the trained adapters, run through the model here
+    model, tokenizer = load_pretrained(str(tiny_hf_dir), base_dtype="int8")
+    graphdef, initial, base = init_member_adapters(model, config.lora, [4, 5])  # seeds seed .. seed + M − 1
+    id_split = tokenize_split(load_task(polar, config.tasks), "test", tokenizer, 32)
+    ood_split = dataclasses.replace(tokenize_split(load_task(three, config.tasks), "test", tokenizer, 32),
+                                    label_token_ids=id_split.label_token_ids)
+    batches = [{k: jnp.asarray(v) for k, v in training_table([s], pad_id=tokenizer.pad_id, max_length=32).items()}
+               for s in (id_split, ood_split)]
+    np.testing.assert_array_equal(scored[0][1], id_split.labels)
+
+    def logits_of(lora):
+        model = merge_lora(graphdef, lora, base)
+        return [np.asarray(label_logits(model, batch)) for batch in batches]
+
+    assert [t["seeds"] for t in trained] == [[4, 5], [4, 5], [4]]
+    for name, run in zip(("ensemble", "ensemble_kl"), trained[:2]):
+        id_logits, _, ood_logits = scored[list(results).index(name)]
+        for m, member in enumerate(unstack_tree(run["lora"])):
+            expected_id, expected_ood = logits_of(member)
+            np.testing.assert_allclose(id_logits[m], expected_id, rtol=1e-4, atol=1e-4, err_msg=name)
+            np.testing.assert_allclose(ood_logits[m], expected_ood, rtol=1e-4, atol=1e-4, err_msg=name)
+    np.testing.assert_array_equal(scored[0][0][0], scored[1][0][0])  # single = ensemble member 0
+    assert not np.allclose(scored[1][0][0], scored[1][0][1])  # members differ
+    assert not np.allclose(scored[1][0], scored[2][0])  # the KL penalty changed the adapters
+    kl_table = trained[1]["table"]
+    base_model = merge_lora(graphdef, unstack_tree(initial)[0], base)  # B = 0: the base model
+    np.testing.assert_allclose(kl_table["base_logits"],
+                               np.asarray(label_logits(base_model, {k: jnp.asarray(v) for k, v in kl_table.items()})),
+                               rtol=1e-4, atol=1e-4)
+    mc = scored[-1][0]
+    assert not np.allclose(mc[0], mc[1])  # two dropout samples of one adapter
 
 
 @pytest.mark.slow

@@ -9,9 +9,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from jax_ensemble.config import LoRAConfig
-from jax_ensemble.lora import apply_lora, split_lora
 from jax_ensemble.models import LlamaConfig, LlamaForCausalLM
+from jax_ensemble.models.lora import LoRAConfig, apply_lora, split_lora
 
 TINY = LlamaConfig(
     vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,

@@ -17,12 +17,13 @@ from pathlib import Path
 
 import jax
 import numpy as np
-
-from jax_ensemble.checkpointing import flatten, load_state
-from jax_ensemble.config import MeshConfig, TrainingConfig
-from jax_ensemble.sharding import initialize_distributed, make_mesh, put_global, to_host, tree_shardings
-from jax_ensemble.training import init_state, make_optimizer, train_adapter
 from tiny_training import synthetic_table, tiny_split
+
+from jax_ensemble.training.checkpoints import flatten, load_state
+from jax_ensemble.training.engine import init_state, make_optimizer, train
+from jax_ensemble.training.losses import classification_objective
+from jax_ensemble.training.mesh import initialize_distributed, make_mesh, put_global, to_host, tree_shardings
+from jax_ensemble.training.settings import MeshConfig, TrainingConfig
 
 SHORT = TrainingConfig(learning_rate=1e-2, warmup_steps=2, max_steps=8, batch_size=16, grad_accum_steps=2,
                        eval_every=4, checkpoint_every=4, keep_last=3, eval_batch_size=8)
@@ -47,8 +48,8 @@ def spawn(*args: str, devices: int) -> subprocess.Popen:
 
 def run(config: TrainingConfig, mesh, run_dir=None, dropout: float = 0.0):
     graphdef, lora, base = tiny_split(dropout=dropout)
-    return train_adapter(graphdef, lora, base, synthetic_table(48), synthetic_table(16, seed=1), config, mesh,
-                         seed=0, dropout=dropout > 0, run_dir=run_dir, progress=False)
+    return train(classification_objective(graphdef), lora, base, synthetic_table(48), config, mesh, seeds=[0],
+                 validation=synthetic_table(16, seed=1), dropout=dropout > 0, run_dir=run_dir, progress=False)
 
 
 def save_adapter(path: Path, lora) -> None:
@@ -114,7 +115,7 @@ def distributed(out: Path, port: int, process_id: int) -> None:
         (out / "distributed.json").write_text(json.dumps([r["loss"] for r in result.history]))
 
 
-def train(run_dir: Path) -> None:
+def long_run(run_dir: Path) -> None:
     """A long run with LoRA dropout; writes final.npz when it completes."""
     result = run(LONG, make_mesh(MeshConfig(data=1)), run_dir=run_dir, dropout=0.1)
     save_adapter(run_dir / "final.npz", result.lora)
@@ -127,4 +128,4 @@ if __name__ == "__main__":
     elif mode == "distributed":
         distributed(target, int(sys.argv[3]), int(sys.argv[4]))
     else:
-        train(target)
+        long_run(target)

@@ -32,12 +32,13 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jax_ensemble.errors import ConfigError
 
 METHODS = ("auto", "newton", "lbfgs")
 NEWTON_MAX_DIM = 2048  # "auto" uses Newton up to this many features, L-BFGS beyond
-_STEP_SIZES = 0.5 ** jnp.arange(12.0)  # Newton's backtracking grid: 1, 1/2, ..., 1/2048
+_STEP_SIZES = 0.5 ** np.arange(12.0, dtype=np.float32)  # Newton's backtracking grid: 1, 1/2, ..., 1/2048
 _ARMIJO = 1e-4
 _FLOAT_NOISE = 8.0  # multiples of eps·|F| below which F differences are rounding
 

@@ -51,7 +51,7 @@ def rows_of(table: Table, task_ids: Sequence[int]) -> Table:
     return {k: v[keep] for k, v in table.items()}
 
 
-def training_seconds(history: Sequence[dict[str, Any]]) -> float | None:
+def wall_seconds_of(history: Sequence[dict[str, Any]]) -> float | None:
     """Wall seconds of a training run from its per-step records (steps of earlier, resumed
     invocations included); None when a record predates step timing."""
     if not all("seconds" in r for r in history):
@@ -80,7 +80,7 @@ def adapters_for_plan(config: Config, plan: dict[str, list[int]], graphdef, lora
             run_dir=config.resolved_run_dir() / "adapters" / name,
             fingerprint=adapter_fingerprint(config, [names[t] for t in task_ids]), desc=name,
         )
-        seconds = training_seconds(result.history)
+        seconds = wall_seconds_of(result.history)
         out[name] = {"lora": to_host(result.lora), "steps": result.step, "rows": int(len(train_rows["label"])),
                      "seconds": None if seconds is None else round(seconds, 2),
                      "tasks": [names[t] for t in task_ids]}

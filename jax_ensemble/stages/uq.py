@@ -21,6 +21,7 @@ directory (each atomically) and returns the results mapping.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 from typing import Any, Callable, Sequence
 
@@ -55,15 +56,17 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _member_logits(graphdef: nnx.GraphDef, lora: Any, base: nnx.State, batch: Any,
+                   dropout_key: jax.Array | None) -> jax.Array:
+    return label_logits(merge_lora(graphdef, lora, base), batch, dropout_key=dropout_key)
+
+
 def member_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, nnx.State, Any, jax.Array | None], jax.Array]:
     """Jitted ``f(lora, base, batch, dropout_key) -> (B, K)`` for one member (or one
-    dropout sample when ``dropout_key`` is given); the same program serves every member."""
-
-    @jax.jit
-    def apply(lora, base, batch, dropout_key):
-        return label_logits(merge_lora(graphdef, lora, base), batch, dropout_key=dropout_key)
-
-    return apply
+    dropout sample when ``dropout_key`` is given); one compiled program per graphdef and
+    batch shape serves every member and every call."""
+    return functools.partial(_member_logits, graphdef)
 
 
 def samples_logits(predictors: Sequence[Predictor], splits: Sequence[TokenizedSplit], config: Config,

@@ -173,7 +173,9 @@ def put_global(tree: Any, shardings: Any) -> Any:
 
     def one(x, sharding):
         if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
-            return x
+            # same layout: relabel with the target sharding (no copy), so jitted steps see one
+            # sharding type and compile once
+            return x if x.sharding == sharding else jax.device_put(x, sharding)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
