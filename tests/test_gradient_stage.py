@@ -17,7 +17,7 @@ from jax_ensemble.cli import main
 from jax_ensemble.config import config_from_dict
 from jax_ensemble.core.projection import lift, make_projector
 from jax_ensemble.data import load_suite, tokenize_split
-from jax_ensemble.data.tables import eval_batches, training_table
+from jax_ensemble.data.tables import eval_batches, table_of_splits
 from jax_ensemble.errors import ConfigError, DataError, NumericalError
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import apply_lora, split_lora
@@ -83,7 +83,7 @@ def test_stage_outputs_match_per_example_reference(stage_config, stage_dir):
     grad_one = jax.jit(jax.grad(lambda f, fx, b, x: output(f, fx, b, x)[0]))
     task = load_suite(cfg.tasks)[0]
     tokenized = tokenize_split(task, "train", tokenizer, cfg.tasks.max_length)
-    batch, index = next(eval_batches(training_table([tokenized], pad_id=tokenizer.pad_id,
+    batch, index = next(eval_batches(table_of_splits([tokenized], pad_id=tokenizer.pad_id,
                                                     max_length=cfg.tasks.max_length), 12))
     f0 = np.asarray(output(features, fixed, base, batch))
     got = loaded["polar"]["train"]

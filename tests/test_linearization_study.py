@@ -20,7 +20,7 @@ import jax_ensemble.stages.linearization_study as study
 from jax_ensemble.cli import main
 from jax_ensemble.config import load_config
 from jax_ensemble.data import load_suite, tokenize_split
-from jax_ensemble.data.tables import training_table
+from jax_ensemble.data.tables import table_of_splits
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.llama.modeling import LlamaConfig, LlamaForCausalLM
 from jax_ensemble.models.loading import load_pretrained
@@ -102,7 +102,7 @@ def test_study_reports_match_an_independent_recomputation(tiny_hf_dir, tmp_path,
     graphdef, lora0, base = split_lora(model)
     for a, b in zip(jax.tree.leaves(lora0), jax.tree.leaves(runs[0]["initial"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    tables = [training_table([tokenize_split(task, "validation", tokenizer, 32)], pad_id=tokenizer.pad_id,
+    tables = [table_of_splits([tokenize_split(task, "validation", tokenizer, 32)], pad_id=tokenizer.pad_id,
                              max_length=32) for task in load_suite(config.tasks)]
     batches = [{k: jnp.asarray(v) for k, v in t.items()} for t in tables]
     labels = [t["label"] for t in tables]

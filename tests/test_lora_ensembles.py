@@ -11,7 +11,7 @@ from flax import nnx
 from tiny_training import TINY, synthetic_table
 
 from jax_ensemble.core.trees import stack_trees, unstack_tree
-from jax_ensemble.data.tables import training_table
+from jax_ensemble.data.tables import table_of_splits
 from jax_ensemble.models import LlamaForCausalLM
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.lora import LoRAConfig, init_member_adapters
@@ -103,7 +103,7 @@ def test_training_table_pads_rows_and_choices():
                          np.array([0, 1], np.int32), 0)
     three = TokenizedSplit("b", (np.arange(40, dtype=np.int32),), np.array([3, 4, 9], np.int32),
                            np.array([2], np.int32), 0)
-    table = training_table([two, three], pad_id=0, max_length=128)
+    table = table_of_splits([two, three], pad_id=0, max_length=128)
     assert table["input_ids"].shape == (3, 64)
     np.testing.assert_array_equal(table["answer_position"], [2, 0, 39])
     np.testing.assert_array_equal(table["label_token_ids"], [[1, 2, -1], [1, 2, -1], [3, 4, 9]])

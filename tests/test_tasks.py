@@ -18,7 +18,7 @@ from jax_ensemble.config import TasksConfig
 from jax_ensemble.data import SUITES, load_suite, load_task, render_prompt
 from jax_ensemble.data.batching import bucket_lengths, label_token_ids, tokenize_split
 from jax_ensemble.data.splits import scaled_sizes, split_indices, stratified_order
-from jax_ensemble.data.tables import eval_batches, training_table
+from jax_ensemble.data.tables import eval_batches, table_of_splits
 from jax_ensemble.errors import DataError
 
 
@@ -262,7 +262,7 @@ def test_batches_follow_the_classification_convention(tmp_path, tiny_model):
     task = tiny_task(tmp_path)
     tokenized = tokenize_split(task, "train", tok, max_length=40)
     assert tokenized.truncated > 0
-    table = training_table([tokenized], pad_id=tok.pad_id, max_length=40)
+    table = table_of_splits([tokenized], pad_id=tok.pad_id, max_length=40)
     seen = []
     for batch, index in eval_batches(table, batch_size=5):
         b, t = batch["input_ids"].shape
@@ -283,7 +283,7 @@ def test_batches_follow_the_classification_convention(tmp_path, tiny_model):
             assert tok.decode(full[-1:]) == ":"  # the answer position is the prompt's last token
             seen.append(int(i))
     assert sorted(seen) == list(range(12))
-    wide = training_table([tokenized], pad_id=tok.pad_id, max_length=40, num_choices=3)
+    wide = table_of_splits([tokenized], pad_id=tok.pad_id, max_length=40, num_choices=3)
     batch, _ = next(eval_batches(wide, batch_size=5))
     assert batch["label_token_ids"][:, 2].tolist() == [-1] * 5  # a third choice column for mixed-K batches
     assert batch["label_token_ids"][:, :2].tolist() == [label_token_ids(task.spec, tok).tolist()] * 5

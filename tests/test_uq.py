@@ -19,7 +19,7 @@ import jax_ensemble.stages.uq as uq_stage
 from jax_ensemble.config import config_from_dict
 from jax_ensemble.core.trees import unstack_tree
 from jax_ensemble.data import load_task, tokenize_split
-from jax_ensemble.data.tables import training_table
+from jax_ensemble.data.tables import table_of_splits
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import init_member_adapters, merge_lora
@@ -123,7 +123,7 @@ def test_uq_metrics_match_an_independent_recomputation(tiny_hf_dir, tmp_path, mo
     id_split = tokenize_split(load_task(polar, config.tasks), "test", tokenizer, 32)
     ood_split = dataclasses.replace(tokenize_split(load_task(three, config.tasks), "test", tokenizer, 32),
                                     label_token_ids=id_split.label_token_ids)
-    batches = [{k: jnp.asarray(v) for k, v in training_table([s], pad_id=tokenizer.pad_id, max_length=32).items()}
+    batches = [{k: jnp.asarray(v) for k, v in table_of_splits([s], pad_id=tokenizer.pad_id, max_length=32).items()}
                for s in (id_split, ood_split)]
     np.testing.assert_array_equal(scored[0][1], id_split.labels)
 

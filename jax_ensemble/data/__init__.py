@@ -2,7 +2,7 @@
 
 ``load_suite(config.tasks)`` / ``load_task(name, config.tasks)`` give :class:`Task` objects
 (spec + ``datasets.Dataset`` splits); :func:`tokenize_split` turns a split into token ids,
-:func:`~jax_ensemble.data.tables.training_table` into a table of rows, and
+:func:`~jax_ensemble.data.tables.table_of_splits` into a table of rows, and
 :func:`~jax_ensemble.data.tables.eval_batches` / :func:`~jax_ensemble.data.tables.take_batch`
 cut fixed-shape batches from it (the schema of :mod:`jax_ensemble.core.batch`).
 """

@@ -2,7 +2,7 @@
 
 A table is the batch mapping of :mod:`jax_ensemble.core.batch` with a leading example
 axis N instead of B (``input_ids`` (N, T) …), plus ``task_index`` (N,) int32 (position of
-the row's task in the given list). :func:`training_table` builds one from tokenized
+the row's task in the given list). :func:`table_of_splits` builds one from tokenized
 splits: T is the smallest bucket length that holds the longest prompt; the label-token
 axis is widened with -1 (no choice) to the largest K.
 
@@ -24,7 +24,7 @@ from jax_ensemble.data.batching import TokenizedSplit, bucket_lengths
 from jax_ensemble.errors import DataError
 
 
-def training_table(splits: Sequence[TokenizedSplit], *, pad_id: int, max_length: int,
+def table_of_splits(splits: Sequence[TokenizedSplit], *, pad_id: int, max_length: int,
                    num_choices: int | None = None) -> Table:
     """Rows of every split in ``splits``, in order (right-padded, weight 1); the choice axis
     is the largest K, or ``num_choices`` when that is larger (so tables of tasks with

@@ -17,7 +17,7 @@ import numpy as np
 
 from jax_ensemble.config import Config, config_to_dict
 from jax_ensemble.data import load_suite, tokenize_split
-from jax_ensemble.data.tables import Table, training_table
+from jax_ensemble.data.tables import Table, table_of_splits
 from jax_ensemble.models.tokenizer import Tokenizer
 from jax_ensemble.training.engine import train
 from jax_ensemble.training.losses import classification_objective
@@ -29,7 +29,7 @@ def suite_tables(config: Config, tokenizer: Tokenizer, names: Sequence[str],
     """split → one table of every task in ``names`` (in that order) of the config's suite."""
     tasks = {t.name: t for t in load_suite(config.tasks)}
     return {
-        split: training_table([tokenize_split(tasks[n], split, tokenizer, config.tasks.max_length) for n in names],
+        split: table_of_splits([tokenize_split(tasks[n], split, tokenizer, config.tasks.max_length) for n in names],
                               pad_id=tokenizer.pad_id, max_length=config.tasks.max_length)
         for split in splits
     }

@@ -29,7 +29,7 @@ from jax_ensemble.config import Config
 from jax_ensemble.core.linearize import forward_flops, resolve_strategy
 from jax_ensemble.core.projection import Projector, make_projector
 from jax_ensemble.data import load_suite, tokenize_split
-from jax_ensemble.data.tables import eval_batch_count, eval_batches, training_table
+from jax_ensemble.data.tables import eval_batch_count, eval_batches, table_of_splits
 from jax_ensemble.errors import CheckpointError, DataError, NumericalError
 from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata, lora_feature_split, lora_output_fn
 from jax_ensemble.stages.model import RunModel, load_run_model
@@ -134,7 +134,7 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     todo = [p for p in plan if not _shard_done(shard_path(p[0].name, p[1], p[3]))]
     sub_splits = {id(p): dataclasses.replace(
         p[2], prompts=tuple(p[2].prompts[j] for j in p[4]), labels=p[2].labels[p[4]]) for p in todo}
-    tables = {id(p): training_table([sub_splits[id(p)]], pad_id=tokenizer.pad_id, max_length=max_length) for p in todo}
+    tables = {id(p): table_of_splits([sub_splits[id(p)]], pad_id=tokenizer.pad_id, max_length=max_length) for p in todo}
     total = sum(eval_batch_count(tables[id(p)], gc.batch_size) for p in todo)
     strategies: dict[int, str] = {}
     bar = tqdm(total=total, desc="gradients", unit="batch", disable=not progress, file=sys.stderr)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 from jax_ensemble.config import Config
 from jax_ensemble.core.linearize import linearization_errors, linearize
 from jax_ensemble.data import load_suite, load_task, tokenize_split
-from jax_ensemble.data.tables import eval_batches, training_table
+from jax_ensemble.data.tables import eval_batches, table_of_splits
 from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import apply_lora, split_lora
@@ -127,14 +127,14 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
         config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype
     )
     max_length = config.tasks.max_length
-    train_table = training_table([tokenize_split(t, "train", tokenizer, max_length) for t in tasks],
+    train_table = table_of_splits([tokenize_split(t, "train", tokenizer, max_length) for t in tasks],
                            pad_id=tokenizer.pad_id, max_length=max_length)
     validation = []
     for task in tasks:
         split = tokenize_split(task, "validation", tokenizer, max_length)
         keep = slice(0, study.validation_examples)
         split = dataclasses.replace(split, prompts=split.prompts[keep], labels=split.labels[keep])
-        validation.append(training_table([split], pad_id=tokenizer.pad_id, max_length=max_length))
+        validation.append(table_of_splits([split], pad_id=tokenizer.pad_id, max_length=max_length))
     rows = len(train_table["label"])
     mesh = make_mesh(config.mesh)
     default_steps = total_steps(config.training, rows)

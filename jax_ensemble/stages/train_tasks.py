@@ -2,7 +2,7 @@
 
 Steps: join the processes of a multi-host run (``mesh.coordinator_address``), load the
 model with its int8/bf16/f32 base, attach LoRA (key = ``seed``), tokenize the tasks'
-train and validation splits into tables (:func:`jax_ensemble.data.tables.training_table`),
+train and validation splits into tables (:func:`jax_ensemble.data.tables.table_of_splits`),
 measure each task's validation accuracy at the start (B = 0: the base model, the
 zero-shot accuracy), train on the mesh (:func:`jax_ensemble.training.engine.train`,
 early stopping on the pooled validation loss, checkpoints under ``out/checkpoints``,
@@ -22,7 +22,7 @@ import jax
 
 from jax_ensemble.config import Config, config_to_dict
 from jax_ensemble.data import load_suite, load_task, tokenize_split
-from jax_ensemble.data.tables import training_table
+from jax_ensemble.data.tables import table_of_splits
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import apply_lora, split_lora
 from jax_ensemble.stages.adapters import adapter_fingerprint
@@ -50,7 +50,7 @@ def adapter_on_tasks(config: Config, task_refs: Sequence[str] | None, out: str |
 
     def table(split: str, chosen) -> dict:
         splits = [tokenize_split(t, split, tokenizer, config.tasks.max_length) for t in chosen]
-        return training_table(splits, pad_id=tokenizer.pad_id, max_length=config.tasks.max_length)
+        return table_of_splits(splits, pad_id=tokenizer.pad_id, max_length=config.tasks.max_length)
 
     train_rows = table("train", tasks)
     validation = {t.name: table("validation", [t]) for t in tasks}

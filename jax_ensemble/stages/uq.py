@@ -36,7 +36,7 @@ from jax_ensemble.core.trees import unstack_tree
 from jax_ensemble.core.uncertainty import calibration_report, ood_auroc, predictive, reliability_bins
 from jax_ensemble.data import load_task, tokenize_split
 from jax_ensemble.data.batching import TokenizedSplit
-from jax_ensemble.data.tables import training_table
+from jax_ensemble.data.tables import table_of_splits
 from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.loading import load_pretrained
@@ -129,7 +129,7 @@ def run_uq(config: Config, *, progress: bool = True) -> dict[str, Any]:
     model, tokenizer = load_pretrained(config.model.source, base_dtype=config.model.base_dtype,
                                        compute_dtype=config.model.compute_dtype)
     tokenize = lambda ref, split: tokenize_split(load_task(ref, config.tasks), split, tokenizer, config.tasks.max_length)
-    train_table = training_table([tokenize(t, "train") for t in uq.in_distribution], pad_id=tokenizer.pad_id,
+    train_table = table_of_splits([tokenize(t, "train") for t in uq.in_distribution], pad_id=tokenizer.pad_id,
                            max_length=config.tasks.max_length)
     id_test = [tokenize(t, "test") for t in uq.in_distribution]
     # OOD inputs keep their own prompts but are answered in the fine-tuned model's answer

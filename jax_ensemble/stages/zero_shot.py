@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from jax_ensemble.core.batch import Batch
 from jax_ensemble.data.batching import TokenizedSplit, tokenize_split
-from jax_ensemble.data.tables import eval_batches, training_table
+from jax_ensemble.data.tables import eval_batches, table_of_splits
 from jax_ensemble.data.task import Task
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.tokenizer import Tokenizer
@@ -54,7 +54,7 @@ def split_label_logits(
     :func:`~jax_ensemble.data.tables.eval_batches` of the split's table."""
     k = len(tokenized.label_token_ids)
     out = np.zeros((len(tokenized.prompts), k), dtype=np.float32)
-    table = training_table([tokenized], pad_id=pad_id, max_length=max_length, num_choices=num_choices)
+    table = table_of_splits([tokenized], pad_id=pad_id, max_length=max_length, num_choices=num_choices)
     for batch, rows in eval_batches(table, batch_size):
         z = logits_fn(batch)[:, :k]
         real = rows >= 0
