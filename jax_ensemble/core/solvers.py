@@ -122,7 +122,7 @@ def _grid_step(value: Callable, theta: jax.Array, z: jax.Array, delta: jax.Array
     """(t, F(θ + tΔ)): the largest t in {1, 1/2, ..., 1/2048} with F(θ + tΔ) ≤ F(θ) +
     10⁻⁴·t·slope + 8·eps·|F| (the last term is F's rounding, so near the optimum t = 1),
     else the t of the lowest F. z moves along dz = G·Δ, so every t costs O(n·K)."""
-    steps = _STEP_SIZES.astype(z.dtype)
+    steps = jnp.asarray(_STEP_SIZES, z.dtype)
     values = jax.vmap(lambda t: value(z + t * dz, theta + t * delta))(steps)
     noise = _FLOAT_NOISE * jnp.finfo(z.dtype).eps * jnp.abs(val)
     accept = values <= val + _ARMIJO * steps * slope + noise
