@@ -1,13 +1,16 @@
 """The main job, stage by stage, each writing its result atomically under the run directory.
 
-1. ``model``: load the model (int8/bf16/f32 base), attach LoRA, check that B = 0 leaves
-   the logits unchanged, greedy-complete the sanity prompt (``model.json``);
+1. ``model``: load the model once for the whole run (int8/bf16/f32 base), attach LoRA,
+   check that B = 0 leaves the logits unchanged, greedy-complete the sanity prompt
+   (``model.json``; :func:`jax_ensemble.stages.model.load_run_model`);
 2. ``grouping``: projected gradients → subset estimates → affinity → SDP groups
    (:mod:`jax_ensemble.stages.gradients`, :mod:`jax_ensemble.stages.grouping`; cached);
 3. ``training``: one adapter per group, the same number of random groups, and one adapter
    on all tasks (the single-adapter baseline), each with orbax checkpoints under
    ``adapters/<name>/`` (a finished adapter is restored, a killed one resumes);
-4. ``ensemble``: convex weights per task on validation logits, then boosting rounds;
+4. ``ensemble``: convex weights per task on validation logits, then boosting rounds whose
+   learners train with the same engine (checkpoints under ``adapters/boost-<r>/``, restored
+   on a rerun);
 5. ``evaluation``: per-task test accuracy of zero-shot, single adapter, random groups and
    the boosted ensemble, analytical FLOPs per stage, peak memory;
 6. ``report``: ``metrics.json`` (written last), ``report.md``, ``affinity.png``,
