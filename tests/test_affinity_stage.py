@@ -13,6 +13,7 @@ import pytest
 import yaml
 from scipy.optimize import minimize
 from scipy.special import logsumexp
+from test_affinity import _affinity_by_definition
 from test_gradient_stage import write_suite
 
 from jax_ensemble.cli import main
@@ -123,26 +124,6 @@ def _validation_scores(part: SplitGradients, theta: np.ndarray) -> tuple[float, 
     return float(np.mean(loss)), float(np.mean(np.argmax(z, axis=1) == part.labels))
 
 
-def _affinity_by_hand(scores: np.ndarray, subsets: np.ndarray) -> np.ndarray:
-    """METHOD.md §4 with loops: z-score each task's score over the subsets containing it,
-    average z_i over the subsets containing i and j, symmetrise, zero the diagonal."""
-    n = subsets.shape[1]
-    z = np.zeros_like(scores)
-    for i in range(n):
-        rows = np.flatnonzero(subsets[:, i])
-        values = scores[rows, i]
-        std = np.sqrt(np.mean((values - values.mean()) ** 2))
-        z[rows, i] = (values - values.mean()) / std if std > 0 else 0.0
-    a = np.zeros((n, n))
-    for i in range(n):
-        for j in range(n):
-            both = subsets[:, i] & subsets[:, j]
-            a[i, j] = z[both, i].mean() if both.any() else 0.0
-    t = (a + a.T) / 2
-    np.fill_diagonal(t, 0.0)
-    return t
-
-
 def test_estimates_and_affinity_match_independent_computations(stage_config):
     """Each subset's regression equals a float64 scipy fit on the gradient stage's rows of
     its tasks (built here from ``load_gradients``, not from ``stack_tasks``); every
@@ -169,7 +150,8 @@ def test_estimates_and_affinity_match_independent_computations(stage_config):
             assert estimates["loss"][s, t] == pytest.approx(loss, rel=1e-4), (s, name)
             assert estimates["accuracy"][s, t] == pytest.approx(accuracy, abs=1e-6), (s, name)
     matrix = np.array(stage["affinity"])
-    np.testing.assert_allclose(matrix, _affinity_by_hand(-estimates["loss"].astype(np.float64), subsets), atol=1e-6)
+    expected = _affinity_by_definition(-estimates["loss"].astype(np.float64), subsets.astype(bool))
+    np.testing.assert_allclose(matrix, expected, atol=1e-6)
     assert np.abs(matrix).max() > 0.1
 
 

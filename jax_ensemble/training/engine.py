@@ -154,11 +154,11 @@ def total_steps(config: TrainingConfig, rows: int) -> int:
     return config.max_steps or max(1, math.ceil(config.epochs * rows / config.batch_size))
 
 
-def early_stopping_update(best_loss: float, bad_evals: int, val_loss: float) -> tuple[bool, float, int]:
-    """(improved, best_loss, bad_evals) after one validation loss."""
-    if val_loss < best_loss:
-        return True, val_loss, 0
-    return False, best_loss, bad_evals + 1
+def early_stopping_update(best_loss: Any, bad_evals: Any, val_loss: Any) -> tuple[Any, Any, Any]:
+    """(improved, best_loss, bad_evals) after one validation loss; scalars, or (M,) arrays
+    with one entry per stacked member, updated elementwise."""
+    improved = np.asarray(val_loss) < np.asarray(best_loss)
+    return improved, np.where(improved, val_loss, best_loss), np.where(improved, 0, np.asarray(bad_evals) + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -355,12 +355,7 @@ def _evaluate_and_track(state: TrainState, evaluator: Evaluator, validation: Tab
     losses = np.asarray(val["loss"], np.float64)
     best = np.asarray(jax.device_get(state.best_loss), np.float64)
     bad = np.asarray(jax.device_get(state.bad_evals))
-    if losses.ndim == 0:
-        improved, new_best, new_bad = early_stopping_update(float(best), int(bad), float(losses))
-        improved = np.asarray(improved)
-    else:
-        improved = losses < best
-        new_best, new_bad = np.where(improved, losses, best), np.where(improved, 0, bad + 1)
+    improved, new_best, new_bad = early_stopping_update(best, bad, losses)
     scalars = put_global(
         (np.asarray(new_best, np.float32), np.asarray(new_bad, np.int32)), (shardings.best_loss, shardings.bad_evals)
     )
