@@ -1,7 +1,7 @@
 """The grouped ensemble vs one adapter vs random groups, over several seeds (the main job repeated).
 
 Runs :func:`jax_ensemble.pipeline.run` once per seed on a config (default
-``configs/default.yaml``) with larger per-task sizes, each seed in its own run directory
+the shipped ``default`` config) with larger per-task sizes, each seed in its own run directory
 ``<out>/seed-<s>`` (cached: a rerun only finishes what is missing), and prints the average
 test accuracy of each method per seed, their mean and standard deviation over seeds, and
 the per-seed difference ensemble − single adapter (its mean and spread). The seed changes
@@ -9,7 +9,7 @@ the LoRA initialisation (hence the gradients' A), the data order, the random gro
 boosting adapter; the train/validation/test splits stay fixed (``tasks.split_seed``).
 
     .venv/bin/python benchmarks/ensemble.py [--seeds 0 1 2] [--train-size 100] [--validation-size 40]
-        [--test-size 100] [--epochs 2] [--config configs/default.yaml] [--out runs/bench-ensemble] [--json]
+        [--test-size 100] [--epochs 2] [--config default] [--out runs/bench-ensemble] [--json]
         [key=value ...]
 
 May take an hour or more on a 2-core CPU; not run in CI.
@@ -32,7 +32,7 @@ METHODS = ("zero_shot", "single_adapter", "random_groups", "ensemble")
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/default.yaml")
+    parser.add_argument("--config", default="default")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--train-size", type=int, default=100)
     parser.add_argument("--validation-size", type=int, default=40)

@@ -2,15 +2,19 @@
 
 User errors (:class:`~jax_ensemble.errors.JaxEnsembleError`) print one line
 ``error: ...`` on stderr and exit with status 2; argparse usage errors also exit 2.
-Machine-readable results go to stdout with ``--json``; progress goes to stderr.
+Machine-readable results go to stdout with ``--json``; progress bars and log records (the
+standard :mod:`logging` module, logger ``jax_ensemble``; ``--log-level``) go to stderr, from
+process 0 only in a multi-process run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
+from importlib import metadata
 from typing import Callable, Sequence
 
 from jax_ensemble.errors import ConfigError, JaxEnsembleError
@@ -256,11 +260,45 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def version_line() -> str:
+    """``jax-ensemble X (jax …, jaxlib …, flax …, Python …)``: what ``--version`` prints."""
+    def version(name: str) -> str:
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return "not installed"
+    stack = ", ".join(f"{name} {version(name)}" for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"))
+    return f"jax-ensemble {version('jax-ensemble')} ({stack}, Python {sys.version.split()[0]})"
+
+
+class _ProcessZero(logging.Filter):
+    """Keeps records of process 0 only once ``jax.distributed`` has joined a multi-process run."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        import jax
+
+        return not jax.distributed.is_initialized() or jax.process_index() == 0
+
+
+def configure_logging(level: str) -> None:
+    """Log records of ``jax_ensemble.*`` at ``level`` and above to stderr (process 0 only)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(_ProcessZero())
+    logger = logging.getLogger("jax_ensemble")
+    logger.handlers[:] = [handler]
+    logger.setLevel(level.upper())
+    logger.propagate = False
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jax-ensemble",
         description="Fine-tune one language model on many datasets at once (JAX/Flax NNX).",
     )
+    parser.add_argument("--version", action="version", version=version_line())
+    parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"),
+                        help="stderr logging threshold (default info)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = sub.add_parser("generate", help="greedy completion of a prompt (check a model by hand)")
@@ -271,14 +309,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--json", action="store_true", help="print one JSON object")
     gen.set_defaults(handler=_cmd_generate)
 
-    run = sub.add_parser("run", help="the main job: estimate, cluster, train groups and baselines, ensemble + boosting, evaluate, report")
-    run.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. lora.rank=8")
-    run.set_defaults(handler=_cmd_run)
+    def config_args(p: argparse.ArgumentParser, example: str = "tasks.train_size=100") -> None:
+        p.add_argument("--config", default=None,
+                       help="a shipped config's name (default, tiny, paper_llama31_8b_gpu) or a YAML path "
+                            "(default: built-in defaults)")
+        p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
 
-    def config_args(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
-        p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. tasks.train_size=100")
+    run = sub.add_parser("run", help="the main job: estimate, cluster, train groups and baselines, "
+                                     "ensemble + boosting, evaluate, report")
+    config_args(run, "lora.rank=8")
+    run.set_defaults(handler=_cmd_run)
 
     data = sub.add_parser("data", help="list tasks and show rendered examples")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
@@ -304,9 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(handler=_cmd_evaluate)
 
     grads = sub.add_parser("gradients", help="per-example projected gradients at the base model (shards + manifest)")
-    grads.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     grads.add_argument("--json", action="store_true", help="print the manifest as one JSON object")
-    grads.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. gradients.dim=200")
+    config_args(grads, "gradients.dim=200")
     grads.set_defaults(handler=_cmd_gradients)
 
     estimate = sub.add_parser("estimate", help="task subsets, their linearized fine-tuning estimates, task affinity")
@@ -329,9 +368,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     lin = sub.add_parser("linearization-error",
                          help="fine-tune LoRA for several step counts and compare f with its linearization f_lin")
-    lin.add_argument("--config", default=None, help="YAML config (default: built-in defaults)")
     lin.add_argument("--json", action="store_true", help="print one JSON object with a list 'settings'")
-    lin.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. linearization.steps=[5,0]")
+    config_args(lin, "linearization.steps=[5,0]")
     lin.set_defaults(handler=_cmd_linearization_error)
 
     uq = sub.add_parser("uq", help="single adapter vs LoRA ensemble vs MC dropout: calibration and OOD detection")
@@ -356,6 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not (hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra)):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
+    configure_logging(args.log_level)
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -1,11 +1,13 @@
 """Run configuration: nested frozen dataclasses read from YAML, with ``key=value`` overrides.
 
-``load_config("configs/default.yaml", ["lora.rank=8", "model.base_dtype=float32"])``
-returns a :class:`Config`. Unknown keys, wrong types and bad values raise
+``load_config("default", ["lora.rank=8", "model.base_dtype=float32"])`` returns a
+:class:`Config`; the first argument is the name of a config shipped in the package
+(``default``, ``tiny``, ``paper_llama31_8b_gpu``: ``jax_ensemble/configs/<name>.yaml``) or a
+path to any YAML file. Unknown keys, wrong types and bad values raise
 :class:`~jax_ensemble.errors.ConfigError` naming the key. ``config_hash`` is a stable
 digest of the resolved config, used to key cached stages in the run directory.
 
-Each later stage adds its own section dataclass here; the YAML files in ``configs/``
+Each later stage adds its own section dataclass here; the YAML files in ``jax_ensemble/configs/``
 document every key.
 """
 
@@ -342,13 +344,33 @@ def config_from_dict(data: dict[str, Any], overrides: typing.Sequence[str] = ())
     return _build(Config, data)
 
 
+PACKAGED_CONFIGS = Path(__file__).parent / "configs"
+"""The configs shipped in the package, addressed by name (``--config tiny``)."""
+
+
+def packaged_config_names() -> list[str]:
+    """Names of the shipped configs, sorted."""
+    return sorted(p.stem for p in PACKAGED_CONFIGS.glob("*.yaml"))
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """The YAML file that ``--config`` names: an existing path, else a shipped config's name."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    packaged = PACKAGED_CONFIGS / f"{path.name.removesuffix('.yaml')}.yaml"
+    if path.parent == Path(".") and packaged.is_file():
+        return packaged
+    raise ConfigError(f"config file {str(name_or_path)!r} does not exist "
+                      f"(shipped configs, by name: {', '.join(packaged_config_names())})")
+
+
 def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Read a YAML config (``None``: all defaults) and apply ``key=value`` overrides."""
+    """Read a YAML config (a path or a shipped config's name; ``None``: all defaults) and apply
+    ``key=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
+        path = config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:

@@ -22,7 +22,7 @@
 from __future__ import annotations
 
 import json
-import sys
+import logging
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -49,11 +49,13 @@ from jax_ensemble.storage.atomic import atomic_write_json
 from jax_ensemble.training.engine import total_steps
 from jax_ensemble.training.mesh import make_mesh
 
+log = logging.getLogger(__name__)
+
 STAGES = 6
 
 
 def _log(step: int, message: str) -> None:
-    print(f"[{step}/{STAGES}] {message}", file=sys.stderr, flush=True)
+    log.info("[%d/%d] %s", step, STAGES, message)
 
 
 def per_task_accuracy(logits: np.ndarray, table: Table, names: Sequence[str]) -> dict[str, float]:
@@ -133,7 +135,7 @@ def run(config: Config) -> Path:
                                            num_groups=len(groups), seed=config.seed).labels
         random_groups = [np.flatnonzero(random_labels == g).tolist() for g in range(len(groups))]
         plan.update({f"random-{g}": ids for g, ids in enumerate(random_groups)})
-    adapters = adapters_for_plan(config, plan, graphdef, lora0, base, tables, names, log=lambda m: _log(3, m))
+    adapters = adapters_for_plan(config, plan, graphdef, lora0, base, tables, names)
 
     _log(4, f"ensemble: convex weights per task, {config.ensemble.boosting_steps} boosting step(s)")
     bs = config.tasks.batch_size

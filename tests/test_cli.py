@@ -60,3 +60,32 @@ def test_run_bad_config_key_and_value(tmp_path):
     assert_one_line_error(cli("run", "lora.rnak=3"), "unknown config key 'lora.rnak'")
     assert_one_line_error(cli("run", "model.base_dtype=int4"), "model.base_dtype must be one of")
     assert_one_line_error(cli("run", "--config", str(tmp_path / "missing.yaml")), "does not exist")
+
+
+def test_version_names_the_installed_stack():
+    from importlib import metadata
+
+    result = cli("--version")
+    assert result.returncode == 0, result.stderr
+    line = " ".join(result.stdout.split())  # argparse may wrap the line
+    assert line.startswith(f"jax-ensemble {metadata.version('jax-ensemble')} (")
+    for name in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint"):
+        assert f"{name} {metadata.version(name)}" in line
+    assert f"Python {sys.version.split()[0]}" in line
+
+
+def test_log_records_go_to_stderr_above_the_chosen_level(capsys):
+    import logging
+
+    from jax_ensemble.cli import configure_logging
+
+    log = logging.getLogger("jax_ensemble.stages.example")
+    configure_logging("warning")
+    log.info("an info record")
+    log.warning("a warning record")
+    configure_logging("info")
+    log.info("another info record")
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == ["a warning record", "another info record"]
+    assert cli("--log-level", "loud", "data", "list").returncode == 2  # usage error

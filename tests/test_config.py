@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from jax_ensemble.config import config_hash, load_config
+from jax_ensemble.config import PACKAGED_CONFIGS, config_hash, load_config, packaged_config_names
 from jax_ensemble.errors import ConfigError
 
 
 def test_default_yaml_and_overrides():
-    cfg = load_config("configs/default.yaml", ["lora.rank=8", "lora.alpha=16", "model.base_dtype=float32"])
+    cfg = load_config("default", ["lora.rank=8", "lora.alpha=16", "model.base_dtype=float32"])
     assert (cfg.name, cfg.lora.rank, cfg.lora.alpha, cfg.model.base_dtype) == ("default", 8, 16.0, "float32")
     assert cfg.model.source == "smollm2-135m"
-    assert config_hash(cfg) == config_hash(load_config("configs/default.yaml", ["lora.rank=8", "lora.alpha=16.0", "model.base_dtype=float32"]))
-    assert config_hash(cfg) != config_hash(load_config("configs/default.yaml"))
+    assert config_hash(cfg) == config_hash(load_config("default", ["lora.rank=8", "lora.alpha=16.0", "model.base_dtype=float32"]))
+    assert config_hash(cfg) != config_hash(load_config("default"))
 
 
 @pytest.mark.parametrize(
@@ -30,7 +30,7 @@ def test_default_yaml_and_overrides():
 )
 def test_bad_overrides(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("configs/default.yaml", [override])
+        load_config("default", [override])
 
 
 def test_bad_yaml(tmp_path):
@@ -56,12 +56,27 @@ def test_bad_yaml(tmp_path):
 )
 def test_bad_affinity_and_clustering_keys(override, message):
     with pytest.raises(ConfigError, match=message):
-        load_config("configs/default.yaml", [override])
-    cfg = load_config("configs/default.yaml", ["affinity.l2=1e-2", "clustering.num_groups=3"])
+        load_config("default", [override])
+    cfg = load_config("default", ["affinity.l2=1e-2", "clustering.num_groups=3"])
     assert (cfg.affinity.l2, cfg.affinity.num_subsets, cfg.clustering.num_groups) == (1e-2, 50, 3)
 
 
-@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path("configs").glob("*.yaml")), ids=str)
-def test_every_shipped_config_is_valid(path):
-    config = load_config(path)
-    assert config.name == path.stem
+def test_shipped_configs_load_by_name_from_any_directory(tmp_path, monkeypatch):
+    assert {"default", "tiny", "paper_llama31_8b_gpu"} <= set(packaged_config_names())
+    monkeypatch.chdir(tmp_path)  # outside the checkout: names resolve inside the installed package
+    by_name = load_config("tiny")
+    assert config_hash(by_name) == config_hash(load_config("tiny.yaml"))
+    assert config_hash(by_name) == config_hash(load_config(PACKAGED_CONFIGS / "tiny.yaml"))
+    assert by_name.name == "tiny" and by_name != load_config("default")
+    (tmp_path / "tiny.yaml").write_text("name: mine\nseed: 7\n")  # an existing path wins over a shipped name
+    assert load_config("tiny.yaml").seed == 7
+    with pytest.raises(ConfigError, match="shipped configs, by name: default, paper_llama31_8b_gpu, tiny"):
+        load_config("tiyn")
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config("configs/tiny.yaml")  # a path is never looked up by name
+
+
+@pytest.mark.parametrize("name", packaged_config_names())
+def test_every_shipped_config_is_valid(name):
+    config = load_config(name)
+    assert config.name == name

@@ -79,7 +79,7 @@ def test_subset_adapter_names_are_stable():
 
 
 def test_cli_rejects_a_subset_count_outside_the_stage(tmp_path):
-    result = cli("validate-estimates", "--config", "configs/tiny.yaml", "--subsets", "13", f"run_dir={tmp_path}")
+    result = cli("validate-estimates", "--config", "tiny", "--subsets", "13", f"run_dir={tmp_path}")
     assert_one_line_error(result, "--subsets must be between 1 and 12")
     assert not any(tmp_path.iterdir())  # nothing started
 

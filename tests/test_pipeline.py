@@ -1,4 +1,4 @@
-"""The main job end to end on the real model and real tasks (configs/tiny.yaml)."""
+"""The main job end to end on the real model and real tasks (the shipped ``tiny`` config)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ METHODS = {"zero_shot", "single_adapter", "random_groups", "ensemble"}
 
 @pytest.mark.slow
 def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
-    result = cli("run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}", timeout=2400)
+    result = cli("run", "--config", "tiny", f"run_dir={tmp_path}", timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip().splitlines()[-1] == f"run directory: {tmp_path}"
     model = json.loads((tmp_path / "model.json").read_text())
@@ -39,7 +39,7 @@ def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
     check_estimates(tmp_path)
     # a rerun reuses every finished stage and adapter (boosting included: nothing is trained
     # again), reproduces the numbers, and now reports the estimates-vs-fine-tuning check
-    again = cli("run", "--config", "configs/tiny.yaml", f"run_dir={tmp_path}", timeout=2400)
+    again = cli("run", "--config", "tiny", f"run_dir={tmp_path}", timeout=2400)
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads((tmp_path / "metrics.json").read_text())
     assert rerun["per_task_accuracy"] == metrics["per_task_accuracy"]
@@ -51,7 +51,7 @@ def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
 def check_estimates(run_dir: Path) -> None:
     """validate-estimates on the run's affinity stage: complete output, and the base model's
     scores through the network equal those of the gradient stage's f0 (two code paths)."""
-    result = cli("validate-estimates", "--config", "configs/tiny.yaml", "--subsets", "2", "--json",
+    result = cli("validate-estimates", "--config", "tiny", "--subsets", "2", "--json",
                  f"run_dir={run_dir}", timeout=1800)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)

@@ -25,9 +25,10 @@ from jax_ensemble.training.mesh import AXES, make_mesh, partition_spec
 from jax_ensemble.training.settings import MeshConfig, TrainingConfig, check_batch_divisible
 
 
-def finish(process: subprocess.Popen, timeout: float = 300) -> None:
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
     output, _ = process.communicate(timeout=timeout)
     assert process.returncode == 0, output[-3000:]
+    return output
 
 
 def test_partition_rules_cover_int8_base_lora_optimizer_state_and_batches():
@@ -105,13 +106,15 @@ def test_checkpoint_from_one_mesh_restores_and_resumes_under_others(eight_device
 
 def test_two_processes_joined_by_jax_distributed_match_one_process(tmp_path):
     """Two processes x 2 CPU devices (gloo collectives), a 2x2x1 mesh spanning both,
-    checkpointing with orbax from both; compared with this process's single-device run."""
+    checkpointing with orbax from both; compared with this process's single-device run.
+    Only process 0 logs and writes metrics (metrics.jsonl, one TensorBoard event file)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
     processes = [spawn("distributed", str(tmp_path), port, str(i), devices=2) for i in (0, 1)]
-    for process in processes:
-        finish(process)
+    outputs = [finish(process) for process in processes]
+    assert "log record of process 0" in outputs[0] and "log record of process" not in outputs[1]
+    assert len(list((tmp_path / "run" / "tensorboard").iterdir())) == 1
     result = run(SHORT, make_mesh(MeshConfig(data=1)))
     np.testing.assert_allclose(json.loads((tmp_path / "distributed.json").read_text()),
                                [r["loss"] for r in result.history], rtol=1e-5)

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny_training import synthetic_table, tiny_split
+from tiny_training import assert_tensorboard_matches_jsonl, synthetic_table, tiny_split
 
 from jax_ensemble.config import load_config
 from jax_ensemble.core.losses import weighted_cross_entropy
@@ -152,7 +152,8 @@ def test_early_stopping_rule():
 def test_train_logs_checkpoints_stops_early_and_resumes(tmp_path):
     """Validation rows are the training rows with flipped labels, so validation loss rises
     as training fits: training stops after `patience` evaluations without improvement and
-    returns the best adapter. Re-running in the same directory resumes at the end."""
+    returns the best adapter. Every per-step scalar of metrics.jsonl is also in TensorBoard's
+    event files. Re-running in the same directory resumes at the end."""
     graphdef, lora, base = tiny_split()
     table = synthetic_table(32)
     flipped = dict(table, label=1 - table["label"])
@@ -170,24 +171,26 @@ def test_train_logs_checkpoints_stops_early_and_resumes(tmp_path):
     best = min(range(len(val)), key=val.__getitem__)
     assert len(val) - 1 - best == 2
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [result.step - 2, result.step]
+    assert_tensorboard_matches_jsonl(tmp_path)
     again = train(objective, lora, base, table, config, mesh, seeds=[0], validation=flipped, run_dir=tmp_path,
                   progress=False)
     assert again.step == result.step and again.checkpoint == result.checkpoint
     for a, b in zip(jax.tree.leaves(result.lora), jax.tree.leaves(again.lora)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert_tensorboard_matches_jsonl(tmp_path)  # resuming at the end adds nothing
     with pytest.raises(Exception, match="different run"):
         train(objective, lora, base, table, TrainingConfig(**{**config.__dict__, "learning_rate": 1e-3}), mesh,
               seeds=[0], validation=flipped, run_dir=tmp_path, progress=False)
 
 
-def test_stacked_members_keep_their_own_best_adapter_and_stop_together():
+def test_stacked_members_keep_their_own_best_adapter_and_stop_together(tmp_path):
     """Two stacked members (different LoRA initialisation and data order), validation after
     every step, patience 2. Each member's returned adapter is exactly the adapter it had
     at its own lowest validation loss (recorded after every step through ``on_step``),
     and a numpy cross-entropy of the model's label logits with that adapter reproduces
     the logged minimum. The members peak at different steps, and training stops at the
     first step at which every member (not just one) has gone ``patience`` evaluations
-    without improving."""
+    without improving. TensorBoard shows each member's curves."""
     graphdef, lora, base = tiny_split()
     other = tiny_split(seed=1)[1]  # another random adapter of the same structure
     table, validation = synthetic_table(32), synthetic_table(16, seed=1)
@@ -200,8 +203,9 @@ def test_stacked_members_keep_their_own_best_adapter_and_stop_together():
 
     result = train(classification_objective(graphdef), stack_trees([lora, other]), base, table, config,
                    make_mesh(MeshConfig()), seeds=[0, 5], stacked=True, validation=validation, progress=False,
-                   on_step=record)
+                   on_step=record, run_dir=tmp_path)
     assert [r["step"] for r in result.history] == list(range(1, result.step + 1)) == sorted(seen)
+    assert_tensorboard_matches_jsonl(tmp_path)  # one curve per member (loss/member_0, loss/member_1, ...)
     val = np.array([r["val_loss"] for r in result.history])  # (steps, M): one evaluation per step
     best = np.argmin(val, axis=0)  # first minimum: a tie is no improvement
 

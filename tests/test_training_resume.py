@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from tiny_training import assert_tensorboard_matches_jsonl
 from training_worker import LONG, run, spawn
 
 from jax_ensemble.config import MeshConfig
@@ -42,6 +43,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
     assert resumed.returncode == 0, output[-3000:]
     steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, LONG.max_steps + 1))
+    assert_tensorboard_matches_jsonl(run_dir)  # the killed run's events past its checkpoint are purged
 
     reference = run(LONG, make_mesh(MeshConfig(data=1)), run_dir=tmp_path / "uninterrupted", dropout=0.1)
     with np.load(run_dir / "final.npz") as final:

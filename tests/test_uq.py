@@ -152,7 +152,7 @@ def test_uq_metrics_match_an_independent_recomputation(tiny_hf_dir, tmp_path, mo
 
 @pytest.mark.slow
 def test_uq_json_reports_every_method(tmp_path):
-    result = cli("uq", "--config", "configs/default.yaml", "--json", f"run_dir={tmp_path}",
+    result = cli("uq", "--config", "default", "--json", f"run_dir={tmp_path}",
                  "tasks.train_size=16", "tasks.test_size=8", "uq.members=2", "training.max_steps=2",
                  "training.batch_size=4", timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]

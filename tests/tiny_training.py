@@ -50,3 +50,37 @@ def synthetic_table(rows: int, seq: int = 12, seed: int = 0, num_classes: int = 
         "label": label,
         "weight": np.ones(rows, np.float32),
     }
+
+
+def tensorboard_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """The scalars TensorBoard shows for a training run directory: tag → [(step, value)], read
+    with TensorBoard's own event reader (which applies the purge markers written on resume)."""
+    from pathlib import Path
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(run_dir) / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def assert_tensorboard_matches_jsonl(run_dir) -> None:
+    """Every scalar of metrics.jsonl appears in TensorBoard once per step, at float32 precision."""
+    import json
+    from pathlib import Path
+
+    records = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    shown = tensorboard_scalars(run_dir)
+    expected: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        for name, value in r.items():
+            if name == "step":
+                continue
+            values = value if isinstance(value, list) else [value]
+            for member, v in enumerate(values):
+                tag = f"{name}/member_{member}" if isinstance(value, list) else name
+                expected.setdefault(tag, []).append((r["step"], v))
+    assert shown.keys() == expected.keys()
+    for tag, points in expected.items():
+        assert [s for s, _ in shown[tag]] == [s for s, _ in points], tag
+        np.testing.assert_allclose([v for _, v in shown[tag]], [v for _, v in points], rtol=1e-6, err_msg=tag)

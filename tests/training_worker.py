@@ -8,6 +8,7 @@ Each writes its results under OUT / RUN_DIR (npz adapters, JSON losses)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 from tiny_training import synthetic_table, tiny_split
 
+from jax_ensemble.cli import configure_logging
 from jax_ensemble.training.checkpoints import flatten, load_state
 from jax_ensemble.training.engine import init_state, make_optimizer, train
 from jax_ensemble.training.losses import classification_objective
@@ -109,6 +111,8 @@ def distributed(out: Path, port: int, process_id: int) -> None:
                              process_id=process_id)
     initialize_distributed(mesh_config)
     assert jax.process_count() == 2 and len(jax.devices()) == 4
+    configure_logging("info")  # as the CLI does: records of process 0 only
+    logging.getLogger("jax_ensemble.test").info("log record of process %d", process_id)
     result = run(SHORT, make_mesh(mesh_config), run_dir=out / "run")
     save_adapter(out / "distributed.npz", result.lora)
     if process_id == 0:

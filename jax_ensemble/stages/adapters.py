@@ -10,8 +10,8 @@ finished adapter is restored and a killed one resumes, whichever command asks fo
 
 from __future__ import annotations
 
-import sys
-from typing import Any, Callable, Sequence
+import logging
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -22,6 +22,8 @@ from jax_ensemble.models.tokenizer import Tokenizer
 from jax_ensemble.training.engine import train
 from jax_ensemble.training.losses import classification_objective
 from jax_ensemble.training.mesh import make_mesh, to_host
+
+log = logging.getLogger(__name__)
 
 
 def suite_tables(config: Config, tokenizer: Tokenizer, names: Sequence[str],
@@ -59,12 +61,8 @@ def wall_seconds_of(history: Sequence[dict[str, Any]]) -> float | None:
     return float(sum(r["seconds"] for r in history))
 
 
-def _stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def adapters_for_plan(config: Config, plan: dict[str, list[int]], graphdef, lora0, base, tables: dict[str, Table],
-                         names: Sequence[str], *, log: Callable[[str], None] = _stderr) -> dict[str, dict[str, Any]]:
+                         names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Train one adapter per entry of ``plan`` (name → task indices into ``names``) on the
     rows of ``tables["train"]`` (early stopping on ``tables["validation"]``); returns
     name → {lora (host arrays), steps, rows, seconds (training wall time, None if unknown), tasks}."""
@@ -72,8 +70,8 @@ def adapters_for_plan(config: Config, plan: dict[str, list[int]], graphdef, lora
     out = {}
     for i, (name, task_ids) in enumerate(plan.items()):
         train_rows, validation = rows_of(tables["train"], task_ids), rows_of(tables["validation"], task_ids)
-        log(f"adapter {i + 1}/{len(plan)} {name!r}: {', '.join(names[t] for t in task_ids)} "
-            f"({len(train_rows['label'])} rows)")
+        log.info("adapter %d/%d %r: %s (%d rows)", i + 1, len(plan), name, ", ".join(names[t] for t in task_ids),
+                 len(train_rows["label"]))
         result = train(
             classification_objective(graphdef), lora0, base, train_rows, config.training, mesh, seeds=[config.seed],
             validation=validation, dropout=config.lora.dropout > 0,

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import sys
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -53,15 +53,13 @@ from jax_ensemble.stages.model import load_run_model
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 from jax_ensemble.storage.digests import stage_dir
 
+log = logging.getLogger(__name__)
+
 PREDICTORS = ("linear", "weight_space", "base")
 """The estimates compared with the fine-tuned outcome (see the module docstring)."""
 
 L2_GRID = (1e-3, 1e-2, 0.1, 1.0, 10.0, 30.0, 100.0, 300.0, 1e3, 1e4)
 """λ values of the sweep: the linear estimate re-solved for the same subsets (cheap: no network)."""
-
-
-def _log(message: str) -> None:
-    print(f"[validate-estimates] {message}", file=sys.stderr, flush=True)
 
 
 def subset_adapter_name(task_ids: Sequence[int], balanced: bool = False) -> str:
@@ -205,8 +203,8 @@ def validate_estimates(config: Config, num_subsets: int, *, progress: bool = Tru
                                                  len(names))
     balanced = config.affinity.balance_tasks
     plan = {subset_adapter_name(ids, balanced): ids for ids in subsets}
-    _log(f"fine-tuning {num_subsets} of the {total} subsets ({', '.join(plan)})")
-    adapters = adapters_for_plan(config, plan, graphdef, lora0, base, tables, names, log=_log)
+    log.info("[validate-estimates] fine-tuning %d of the %d subsets (%s)", num_subsets, total, ", ".join(plan))
+    adapters = adapters_for_plan(config, plan, graphdef, lora0, base, tables, names)
 
     projector = stage_projector(config, lora_feature_split(lora0)[0])
     validation, bs = tables["validation"], config.tasks.batch_size
@@ -228,7 +226,7 @@ def validate_estimates(config: Config, num_subsets: int, *, progress: bool = Tru
     errors = summarize(pairs)
     manifest = json.loads((Path(stage["gradients"]) / "manifest.json").read_text())
     times = timing(manifest.get("timing"), stage["estimate_seconds"], [adapters[n]["seconds"] for n in plan], total)
-    _log("re-solving the linear estimates over a grid of affinity.l2")
+    log.info("[validate-estimates] re-solving the linear estimates over a grid of affinity.l2")
     sweep = l2_sweep(config, stage["gradients"], estimates["subsets"][:num_subsets], pairs, names)
     summary = {
         "l2": config.affinity.l2,

@@ -32,7 +32,8 @@ from jax_ensemble.training.losses import classification_objective
 from jax_ensemble.training.mesh import check_batch_fits, initialize_distributed, make_mesh
 
 
-def adapter_on_tasks(config: Config, task_refs: Sequence[str] | None, out: str | Path, *, progress: bool = True) -> dict[str, Any]:
+def adapter_on_tasks(config: Config, task_refs: Sequence[str] | None, out: str | Path, *,
+                     progress: bool = True) -> dict[str, Any]:
     """Train one adapter on ``task_refs`` (default: the config's suite); return the summary
     (``per_task_accuracy``, ``zero_shot_accuracy``, ``checkpoint``, ...)."""
     initialize_distributed(config.mesh)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import sys
+import logging
 from typing import Any, Callable, Sequence
 
 import jax
@@ -48,12 +48,10 @@ from jax_ensemble.training.engine import train
 from jax_ensemble.training.losses import classification_objective, kl_regularized_objective, with_base_logits
 from jax_ensemble.training.mesh import make_mesh
 
+log = logging.getLogger(__name__)
+
 Predictor = Callable[[dict[str, np.ndarray]], np.ndarray]
 """``predict(batch) -> (B, K)`` label logits of one member or one dropout sample."""
-
-
-def _log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -158,7 +156,8 @@ def run_uq(config: Config, *, progress: bool = True) -> dict[str, Any]:
         return train(objective, initial_loras, base, table, training_config, mesh, seeds=member_seeds, stacked=True,
                      dropout=dropout, progress=progress, desc=desc).lora
 
-    _log(f"uq: training {uq.members} stacked LoRA members on {', '.join(uq.in_distribution)} ({len(train_table['label'])} rows)")
+    log.info("uq: training %d stacked LoRA members on %s (%d rows)", uq.members, ", ".join(uq.in_distribution),
+             len(train_table["label"]))
     plain = classification_objective(graphdef)
     trained = members(plain, initial, training, train_table, seeds, "ensemble")
     id_logits, ood_logits = evaluate(graphdef, trained, [None] * uq.members)

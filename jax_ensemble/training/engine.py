@@ -7,7 +7,8 @@ fixed ensemble offset, KL to the base), with the same features for every caller:
 mesh's partition rules (members replicated over the member axis), orbax checkpoints
 with a fingerprint and exact resume (the data order is a function of the step),
 periodic validation with early stopping that keeps the best adapter (per member),
-finite checks, ``metrics.jsonl`` and a progress bar. docs/method.md §6.
+finite checks, per-step metrics (``metrics.jsonl`` and TensorBoard events,
+:mod:`~jax_ensemble.training.metrics`) and a progress bar. docs/method.md §6.
 
 Functional pieces (reusable with any ``loss_fn``):
 
@@ -41,7 +42,6 @@ from jax_ensemble.core.losses import weighted_cross_entropy
 from jax_ensemble.core.trees import stack_trees
 from jax_ensemble.data.tables import batch_indices, eval_batches, num_rows, take_batch
 from jax_ensemble.errors import TrainingError
-from jax_ensemble.storage.atomic import atomic_write_bytes
 from jax_ensemble.training.checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint
 from jax_ensemble.training.losses import LossFn, Objective, objective_loss
 from jax_ensemble.training.mesh import (
@@ -52,6 +52,7 @@ from jax_ensemble.training.mesh import (
     put_global,
     tree_shardings,
 )
+from jax_ensemble.training.metrics import MetricsWriter
 from jax_ensemble.training.settings import TrainingConfig
 
 
@@ -284,7 +285,7 @@ def train(
     fingerprint = {**dict(fingerprint or {}), "training": dataclasses.asdict(config),
                    "seed": seeds if stacked else seeds[0], "rows": rows}
     fingerprint = json.loads(json.dumps(fingerprint))
-    writer = _MetricsWriter(Path(run_dir) / "metrics.jsonl" if run_dir else None)
+    writer = MetricsWriter(run_dir)
     manager = checkpoint_manager(Path(run_dir) / "checkpoints", config.keep_last) if run_dir else None
     start = 0
     if manager is not None:
@@ -295,6 +296,7 @@ def train(
 
     def checkpoint(step: int) -> None:
         if manager is not None and manager.latest_step() != step:
+            writer.flush()
             save_checkpoint(manager, step, state, fingerprint)
 
     def stopped(s: TrainState) -> bool:
@@ -305,31 +307,34 @@ def train(
     schedule = learning_rate_schedule(config, steps)
     step = start
     clock = time.perf_counter()
-    while step < steps and not stopped(state):
-        batch = put_global(batch_at(step), batch_shardings)
-        state, metrics = train_step(state, base, batch)
-        step += 1
-        record = {"step": step, **{k: _scalar_or_list(v) for k, v in jax.device_get(metrics).items()}}
-        if not (np.isfinite(record["loss"]).all() and np.isfinite(record["grad_norm"]).all()):
-            raise TrainingError(
-                f"non-finite loss or gradient at step {step} (loss {record['loss']}, grad norm "
-                f"{record['grad_norm']}); lower training.learning_rate or check the data"
-            )
-        record["learning_rate"] = float(schedule(step - 1))
-        if validation is not None and (step % config.eval_every == 0 or step == steps):
-            state, val = _evaluate_and_track(state, evaluator, validation, state_shardings)
-            record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-        if on_step is not None:
-            on_step(step, state)
-        now = time.perf_counter()
-        record["seconds"] = round(now - clock, 4)  # this step's wall time, evaluation and compilation included
-        clock = now
-        writer.write(record)
-        bar.set_postfix(loss=f"{float(np.mean(record['loss'])):.4f}", refresh=False)
-        bar.update(1)
-        if step % config.checkpoint_every == 0:
-            checkpoint(step)
-    bar.close()
+    try:
+        while step < steps and not stopped(state):
+            batch = put_global(batch_at(step), batch_shardings)
+            state, metrics = train_step(state, base, batch)
+            step += 1
+            record = {"step": step, **{k: _scalar_or_list(v) for k, v in jax.device_get(metrics).items()}}
+            if not (np.isfinite(record["loss"]).all() and np.isfinite(record["grad_norm"]).all()):
+                raise TrainingError(
+                    f"non-finite loss or gradient at step {step} (loss {record['loss']}, grad norm "
+                    f"{record['grad_norm']}); lower training.learning_rate or check the data"
+                )
+            record["learning_rate"] = float(schedule(step - 1))
+            if validation is not None and (step % config.eval_every == 0 or step == steps):
+                state, val = _evaluate_and_track(state, evaluator, validation, state_shardings)
+                record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            if on_step is not None:
+                on_step(step, state)
+            now = time.perf_counter()
+            record["seconds"] = round(now - clock, 4)  # this step's wall time, evaluation and compilation included
+            clock = now
+            writer.write(record)
+            bar.set_postfix(loss=f"{float(np.mean(record['loss'])):.4f}", refresh=False)
+            bar.update(1)
+            if step % config.checkpoint_every == 0:
+                checkpoint(step)
+    finally:
+        bar.close()
+        writer.close()
     checkpoint(step)
     if manager is not None:
         manager.wait_until_finished()
@@ -366,32 +371,3 @@ def _evaluate_and_track(state: TrainState, evaluator: Evaluator, validation: Tab
         best_lora = jax.tree.map(lambda new, old: jnp.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
                                  state.lora, state.best_lora)
     return state._replace(best_loss=scalars[0], bad_evals=scalars[1], best_lora=best_lora), val
-
-
-class _MetricsWriter:
-    """Appends one JSON line per step (process 0 only); on resume, drops lines past the restored step."""
-
-    def __init__(self, path: Path | None):
-        self.path = path if jax.process_index() == 0 else None
-        self.records: list[dict[str, Any]] = []
-
-    def start(self, after_step: int) -> None:
-        if self.path is None:
-            return
-        kept = []
-        if after_step and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("step", math.inf) <= after_step:
-                    kept.append(record)
-        self.records = kept
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-
-    def write(self, record: dict[str, Any]) -> None:
-        self.records.append(record)
-        if self.path is not None:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
