@@ -10,11 +10,15 @@ LOCK := requirements/$(PY_TAG).lock
 # Extra pip arguments, e.g. PIP_ARGS="--extra-index-url https://download.pytorch.org/whl/cpu"
 # where PyTorch's CPU wheel (py311.lock) is not on the machine.
 PIP_ARGS ?=
-# pytest arguments: `make test PYTEST_ARGS='-m "not slow"'` runs the fast suite.
+# pytest arguments: `make test-one PYTEST_ARGS='-m "not slow"'` runs the fast suite.
 PYTEST_ARGS ?=
+# The second interpreter of `make test` (the newest locked stack): pyenv's 3.12 or python3.12 on
+# PATH, whichever runs.
+PYTHON312 ?= $(shell for p in $(HOME)/.pyenv/versions/3.12*/bin/python $$(command -v python3.12); do \
+  $$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && echo $$p && break; done)
 UV_VERSION := 0.13.9
 
-.PHONY: install test run bench lock
+.PHONY: install test test-one test-py312 run bench lock
 
 install: $(STAMP)
 
@@ -30,8 +34,24 @@ $(LOCK):
 	@echo "use one of those interpreters (make test PYTHON=python3.12), or install the ranges: pip install -e '.[test]'" >&2
 	@exit 2
 
-test: install
+# `make test` (what CI runs): the full suite on $(PYTHON), then the fast suite (-m "not slow") on
+# Python 3.12 with the newest locked stack, in .venv312. Without a Python 3.12 the second part is
+# skipped with a notice (CI requires it).
+test: test-one test-py312
+
+test-one: install
+	@echo "== pytest $(PYTEST_ARGS) on $$($(BIN)/jax-ensemble --version)"
 	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-py312:
+ifeq ($(PY_TAG),py312)
+	@echo "== $(PYTHON) is Python 3.12 already: its suite ran above"
+else ifeq ($(PYTHON312),)
+	@echo "== no Python 3.12 found (PYTHON312=...): the fast suite on the newest stack is skipped" >&2
+	@test -z "$(CI)" || (echo "CI needs Python 3.12" >&2; exit 2)
+else
+	$(MAKE) test-one PYTHON=$(PYTHON312) VENV=.venv312 PYTEST_ARGS='-m "not slow"'
+endif
 
 run: install
 	$(BIN)/jax-ensemble run --config default
