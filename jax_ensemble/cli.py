@@ -65,7 +65,7 @@ def _cmd_data_list(args: argparse.Namespace) -> int:
         return 0
     print(f"suite {config.tasks.suite}: {len(summaries)} tasks (train/validation/test examples per task)")
     for s in summaries:
-        print(f"  {s['name']:<24} {s['kind']:<20} {s['num_classes']} classes  "
+        print(f"  {s['name']:<28} {s['kind']:<21} {s['num_classes']} classes  "
               f"{s['train']:>5} / {s['validation']:>4} / {s['test']:>4}  {s['license']}")
     return 0
 
@@ -291,6 +291,9 @@ def configure_logging(level: str) -> None:
     logger.propagate = False
 
 
+SUITE_HELP = "offline10 | superglue10 | planted_conflict | suite .yaml (default: config)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jax-ensemble",
@@ -323,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="list tasks and show rendered examples")
     data_sub = data.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     data_list = data_sub.add_parser("list", help="each task of a suite with its classes and split sizes")
-    data_list.add_argument("--suite", default=None, help="offline10 | superglue10 | suite .yaml (default: config)")
+    data_list.add_argument("--suite", default=None, help=SUITE_HELP)
     data_list.add_argument("--json", action="store_true", help="print one JSON list")
     config_args(data_list)
     data_list.set_defaults(handler=_cmd_data_list)
@@ -337,7 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser("evaluate", help="evaluate the model on a suite's tasks")
     evaluate.add_argument("--zero-shot", action="store_true", help="the base model, no fine-tuning")
-    evaluate.add_argument("--suite", default=None, help="offline10 | superglue10 | suite .yaml (default: config)")
+    evaluate.add_argument("--suite", default=None, help=SUITE_HELP)
     evaluate.add_argument("--split", default="validation", choices=("train", "validation", "test"))
     evaluate.add_argument("--json", action="store_true", help="print one JSON list")
     config_args(evaluate)

@@ -37,6 +37,7 @@ from jax_ensemble.core import clustering
 from jax_ensemble.core import ensemble as ensemble_maths
 from jax_ensemble.core.batch import Table
 from jax_ensemble.core.trees import stack_trees, zeros_like_member
+from jax_ensemble.data.tables import num_rows
 from jax_ensemble.models.peft_export import export_peft_adapter
 from jax_ensemble.report import write_report
 from jax_ensemble.stages import accounting
@@ -46,7 +47,7 @@ from jax_ensemble.stages.estimate_validation import find_validation
 from jax_ensemble.stages.grouping import grouping_stage
 from jax_ensemble.stages.model import load_run_model
 from jax_ensemble.storage.atomic import atomic_write_json
-from jax_ensemble.training.engine import total_steps
+from jax_ensemble.training.engine import adapter_training, total_steps
 from jax_ensemble.training.mesh import make_mesh
 
 log = logging.getLogger(__name__)
@@ -152,8 +153,9 @@ def run(config: Config) -> Path:
     grouped, group_val_logits = weighted("group", len(groups))
     chosen: list[int] = []
     if config.ensemble.boosting_steps:
+        boosting_training = adapter_training(config.training, num_rows(tables["train"]))
         grouped, chosen = boost_trained(
-            graphdef, grouped, lora0, base, tables["train"], groups, config.training, make_mesh(config.mesh),
+            graphdef, grouped, lora0, base, tables["train"], groups, boosting_training, make_mesh(config.mesh),
             steps=config.ensemble.boosting_steps, step_size=config.ensemble.step_size, seed=config.seed,
             batch_size=bs, validation=val, validation_member_logits=group_val_logits,
             run_dir=run_dir / "adapters", fingerprint={**adapter_fingerprint(config, names), "groups": groups},
@@ -161,7 +163,7 @@ def run(config: Config) -> Path:
         for r, g in enumerate(chosen):
             group_rows = int(np.isin(tables["train"]["task_index"], groups[g]).sum())
             adapters[f"boost-{r}"] = {"lora": jax.tree.map(lambda x: x[r], grouped.boosters),
-                                      "steps": total_steps(config.training, group_rows), "rows": group_rows,
+                                      "steps": total_steps(boosting_training, group_rows), "rows": group_rows,
                                       "tasks": [names[t] for t in groups[g]]}
 
     _log(5, "evaluation: per-task test accuracy")
@@ -200,6 +202,8 @@ def run(config: Config) -> Path:
         "average_accuracy": average,
         "flops": flops,
         "peak_memory_bytes": accounting.peak_memory_bytes(),
+        "training_budget": {"rule": config.training.budget, "patience": config.training.patience,
+                            "max_steps": adapter_training(config.training, num_rows(tables["train"])).max_steps},
         "adapters": {n: {k: v for k, v in a.items() if k != "lora"} for n, a in adapters.items()},
         "test_examples": int(len(test["label"])),
         "wall_seconds": round(time.perf_counter() - started, 1),

@@ -53,6 +53,27 @@ def test_every_offline_task_is_splittable_at_default_sizes(offline_tasks):
         assert task.spec.license.startswith("Apache-2.0")
 
 
+def test_planted_conflicts_share_rows_and_splits_and_swap_the_answer(offline_tasks, default_tokenizer):
+    """Each swapped task has its source's exact train / validation / test rows and classes,
+    another instruction, and each class's label word is the other class's: the same input
+    asks for opposite answers, and no test text of one is a training text of the other."""
+    suite = SUITES["planted_conflict"]
+    swapped = [n for n in suite if n.endswith("_swapped")]
+    assert len(swapped) == 3 and len(suite) == 8
+    for name in swapped:
+        source, task = offline_tasks[name.removesuffix("_swapped")], offline_tasks[name]
+        assert source.name in suite and task.spec.class_names == source.spec.class_names
+        assert task.spec.label_words == source.spec.label_words[::-1]
+        field = source.spec.template_fields()[0]
+        for split in ("train", "validation", "test"):
+            assert task.split(split)[field] == source.split(split)[field], (name, split)
+            assert task.split(split)["label"] == source.split(split)["label"], (name, split)
+        row = task.split("train")[0]
+        assert render_prompt(task.spec, row) != render_prompt(source.spec, row)
+        answers = [label_token_ids(spec, default_tokenizer) for spec in (source.spec, task.spec)]
+        assert list(answers[0]) == list(answers[1][::-1])
+
+
 def test_splits_are_deterministic_for_a_seed():
     first = load_task("implicatures", DEFAULT).split("validation")["input"]
     again = load_task("implicatures", DEFAULT).split("validation")["input"]

@@ -21,6 +21,7 @@ from jax_ensemble.errors import ConfigError, TrainingError
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.lora import merge_lora
 from jax_ensemble.training.engine import (
+    adapter_training,
     early_stopping_update,
     init_state,
     make_optimizer,
@@ -181,6 +182,22 @@ def test_train_logs_checkpoints_stops_early_and_resumes(tmp_path):
     with pytest.raises(Exception, match="different run"):
         train(objective, lora, base, table, TrainingConfig(**{**config.__dict__, "learning_rate": 1e-3}), mesh,
               seeds=[0], validation=flipped, run_dir=tmp_path, progress=False)
+
+
+def test_equal_budget_gives_every_adapter_of_a_job_the_single_adapters_steps():
+    """A group with a third of the job's 48 rows trains ceil(48 / 8) = 6 steps under
+    ``budget: equal`` (the all-rows adapter's count), 2 under ``epochs``; an explicit
+    ``max_steps`` wins under both."""
+    graphdef, lora, base = tiny_split()
+    group = synthetic_table(16)
+    for budget, steps in (("epochs", 2), ("equal", 6)):
+        config = adapter_training(TrainingConfig(budget=budget, warmup_steps=0, batch_size=8), job_rows=48)
+        result = train(classification_objective(graphdef), lora, base, group, config, make_mesh(MeshConfig()),
+                       seeds=[0], progress=False)
+        assert result.step == len(result.history) == steps, budget
+    assert adapter_training(TrainingConfig(budget="equal", max_steps=3), job_rows=48).max_steps == 3
+    with pytest.raises(ConfigError, match="training.budget must be one of epochs, equal"):
+        TrainingConfig(budget="converge")
 
 
 def test_stacked_members_keep_their_own_best_adapter_and_stop_together(tmp_path):

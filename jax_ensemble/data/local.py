@@ -34,7 +34,7 @@ from jax_ensemble.storage.packages import cache_dir
 SPEC_SUFFIXES = (".yaml", ".yml", ".json")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 _REQUIRED = ("name", "template", "label_words", "data")
-_OPTIONAL = ("label_field", "label_values", "kind", "description", "source", "license")
+_OPTIONAL = ("label_field", "label_values", "kind", "description", "source", "license", "split_salt")
 
 
 def load_files(files: Mapping[str, Path]) -> dict[str, datasets.Dataset]:

@@ -137,7 +137,19 @@ def _rotten(name: str, template: str, classes: dict[str, str], kind: str, descri
     )
 
 
-_TASKS: tuple[OfflineTask, ...] = (
+def _swapped(task: OfflineTask, template: str, description: str) -> OfflineTask:
+    """A planted conflict: ``task``'s rows and splits under another instruction, each class
+    answered with the other class's label word (two classes). Fine-tuning on both tasks at
+    once pulls the model two ways on the same inputs (negative transfer by construction)."""
+    spec = task.spec
+    if spec.num_classes != 2:
+        raise ValueError(f"{spec.name}: only two-class tasks can swap their label words")
+    return dataclasses.replace(task, spec=dataclasses.replace(
+        spec, name=f"{spec.name}_swapped", template=template, label_words=spec.label_words[::-1],
+        kind=f"{spec.kind}, swapped", description=description, split_salt=spec.split_salt or spec.name))
+
+
+_SOURCE_TASKS: tuple[OfflineTask, ...] = (
     _rotten("rt_polarity", "Review: {text}\nIs this movie review positive or negative?\nAnswer:",
             {"negative": " negative", "positive": " positive"}, "sentiment",
             "Rotten Tomatoes review snippets: fresh (positive) or rotten (negative)", _polarity_rows),
@@ -197,6 +209,22 @@ _TASKS: tuple[OfflineTask, ...] = (
               "figurative language", "does a paraphrase capture a metaphor's meaning"),
     _bigbench("hyperbaton", "{input}\nAnswer:", {"a": ("a", " a"), "b": ("b", " b")},
               "grammar", "which of two phrases has the correct English adjective order"),
+)
+_BY_NAME = {t.spec.name: t for t in _SOURCE_TASKS}
+
+_TASKS: tuple[OfflineTask, ...] = _SOURCE_TASKS + (
+    _swapped(_BY_NAME["rt_polarity"],
+             "Review: {text}\nThis is a game of opposites: answer with the sentiment this review does NOT "
+             "express, positive or negative.\nAnswer:",
+             "rt_polarity's snippets and splits, answered with the opposite sentiment word (planted conflict)"),
+    _swapped(_BY_NAME["rt_subjectivity"],
+             "Sentence: {text}\nThis is a game of opposites: answer with the kind this sentence is NOT, "
+             "subjective or objective.\nAnswer:",
+             "rt_subjectivity's sentences and splits, answered with the other kind's word (planted conflict)"),
+    _swapped(_BY_NAME["sports_understanding"],
+             "This is a game of opposites: if the statement about sports is plausible answer implausible, "
+             "otherwise plausible.\nStatement: {input}\nAnswer:",
+             "sports_understanding's statements and splits, answered with the other word (planted conflict)"),
 )
 
 OFFLINE_TASKS: dict[str, OfflineTask] = {t.spec.name: t for t in _TASKS}

@@ -64,6 +64,12 @@ SUITES: dict[str, tuple[str, ...]] = {
         "winowhy", "strategyqa", "sports_understanding", "intent_recognition", "implicatures",
     ),
     "superglue10": tuple(HUB_TASKS),
+    # three real tasks, each beside its planted conflict (same rows and splits, swapped answers),
+    # and two unrelated tasks: grouping must keep each pair apart
+    "planted_conflict": (
+        "rt_polarity", "rt_polarity_swapped", "rt_subjectivity", "rt_subjectivity_swapped",
+        "sports_understanding", "sports_understanding_swapped", "strategyqa", "implicatures",
+    ),
 }
 
 
@@ -96,7 +102,8 @@ def build_task(spec: TaskSpec, pools: Mapping[str, datasets.Dataset], config: Ta
         raise DataError(f"task {spec.name!r} has a single class ({spec.class_names[int(np.argmax(counts))]!r}); "
                         "classification needs at least two")
     sizes = {"train": config.train_size, "validation": config.validation_size, "test": config.test_size}
-    plan = split_indices({p: d["label"] for p, d in labelled.items()}, sizes, config.split_seed, salt=spec.name)
+    plan = split_indices({p: d["label"] for p, d in labelled.items()}, sizes, config.split_seed,
+                         salt=spec.split_salt or spec.name)
     splits = {s: labelled[pool].select(indices) for s, (pool, indices) in plan.items()}
     for s in SPLITS:
         if len(splits[s]) == 0:

@@ -36,6 +36,8 @@ class TaskSpec:
     label_field / label_values: the raw label column and the raw value of each class.
     kind: what the task tests (sentiment, nli, logic, ...), for listings.
     source, license, provenance: where the data comes from and under which terms.
+    split_salt: salts the seeded split (default: the name); tasks built from the same rows
+      with the same salt get the same train / validation / test rows.
     """
 
     name: str
@@ -49,6 +51,7 @@ class TaskSpec:
     source: str = ""
     license: str = ""
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    split_salt: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:

@@ -17,9 +17,9 @@ import numpy as np
 
 from jax_ensemble.config import Config, config_to_dict
 from jax_ensemble.data import load_suite, tokenize_split
-from jax_ensemble.data.tables import Table, table_of_splits
+from jax_ensemble.data.tables import Table, num_rows, table_of_splits
 from jax_ensemble.models.tokenizer import Tokenizer
-from jax_ensemble.training.engine import train
+from jax_ensemble.training.engine import adapter_training, train
 from jax_ensemble.training.losses import classification_objective
 from jax_ensemble.training.mesh import make_mesh, to_host
 
@@ -64,16 +64,18 @@ def wall_seconds_of(history: Sequence[dict[str, Any]]) -> float | None:
 def adapters_for_plan(config: Config, plan: dict[str, list[int]], graphdef, lora0, base, tables: dict[str, Table],
                          names: Sequence[str]) -> dict[str, dict[str, Any]]:
     """Train one adapter per entry of ``plan`` (name → task indices into ``names``) on the
-    rows of ``tables["train"]`` (early stopping on ``tables["validation"]``); returns
+    rows of ``tables["train"]`` (early stopping on ``tables["validation"]``; the length of each
+    follows ``training.budget`` over all of ``tables["train"]``'s rows); returns
     name → {lora (host arrays), steps, rows, seconds (training wall time, None if unknown), tasks}."""
     mesh = make_mesh(config.mesh)
+    training = adapter_training(config.training, num_rows(tables["train"]))
     out = {}
     for i, (name, task_ids) in enumerate(plan.items()):
         train_rows, validation = rows_of(tables["train"], task_ids), rows_of(tables["validation"], task_ids)
         log.info("adapter %d/%d %r: %s (%d rows)", i + 1, len(plan), name, ", ".join(names[t] for t in task_ids),
                  len(train_rows["label"]))
         result = train(
-            classification_objective(graphdef), lora0, base, train_rows, config.training, mesh, seeds=[config.seed],
+            classification_objective(graphdef), lora0, base, train_rows, training, mesh, seeds=[config.seed],
             validation=validation, dropout=config.lora.dropout > 0,
             run_dir=config.resolved_run_dir() / "adapters" / name,
             fingerprint=adapter_fingerprint(config, [names[t] for t in task_ids]), desc=name,

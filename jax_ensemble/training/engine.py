@@ -155,6 +155,15 @@ def total_steps(config: TrainingConfig, rows: int) -> int:
     return config.max_steps or max(1, math.ceil(config.epochs * rows / config.batch_size))
 
 
+def adapter_training(config: TrainingConfig, job_rows: int) -> TrainingConfig:
+    """The settings of one adapter in a job whose adapters train on subsets of ``job_rows``
+    rows: under ``budget: equal`` its length is fixed to ``total_steps(config, job_rows)``
+    (the single adapter's), whatever its own rows; under ``epochs`` ``config`` unchanged."""
+    if config.budget != "equal" or config.max_steps:
+        return config
+    return dataclasses.replace(config, max_steps=total_steps(config, job_rows))
+
+
 def early_stopping_update(best_loss: Any, bad_evals: Any, val_loss: Any) -> tuple[Any, Any, Any]:
     """(improved, best_loss, bad_evals) after one validation loss; scalars, or (M,) arrays
     with one entry per stacked member, updated elementwise."""

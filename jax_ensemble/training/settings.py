@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jax_ensemble.errors import ConfigError
+from jax_ensemble.errors import ConfigError, check_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +53,10 @@ class MeshConfig:
         return None if -1 in (self.data, self.fsdp) else self.data * self.fsdp
 
 
+TRAINING_BUDGETS = ("epochs", "equal")
+"""How long each adapter of a multi-adapter job trains (see :class:`TrainingConfig`)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainingConfig:
     """LoRA training: AdamW on the LoRA parameters only.
@@ -65,6 +69,13 @@ class TrainingConfig:
     ``eval_every`` steps and at the end; training stops after ``patience`` evaluations
     without a lower validation loss (0: never) and keeps the best adapter. Checkpoints
     every ``checkpoint_every`` steps and at the end, the last ``keep_last`` kept.
+
+    ``budget`` sets the length of each adapter in a job that trains several on subsets of
+    the same rows (groups, random groups, subsets, boosting): ``epochs``, each adapter takes
+    ``epochs`` passes over its own rows (a group of a third of the tasks gets a third of the
+    single adapter's steps); ``equal``, every adapter gets the steps of one adapter on all
+    the job's rows, so adapters are compared at equal optimizer steps (and, with
+    ``patience`` > 0, each stops when its own validation loss stops improving, under that cap).
     """
 
     learning_rate: float = 5e-4
@@ -80,6 +91,7 @@ class TrainingConfig:
     patience: int = 0
     checkpoint_every: int = 50
     keep_last: int = 2
+    budget: str = "epochs"
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -99,6 +111,7 @@ class TrainingConfig:
         for key in ("eval_every", "checkpoint_every", "keep_last"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"training.{key} must be >= 1, got {getattr(self, key)}")
+        check_choice("training.budget", self.budget, TRAINING_BUDGETS)
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("training.max_grad_norm and training.weight_decay must be >= 0")
 
