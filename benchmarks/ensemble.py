@@ -1,18 +1,25 @@
 """The grouped ensemble vs one adapter vs random groups, over several seeds (the main job repeated).
 
-Runs :func:`jax_ensemble.pipeline.run` once per seed on a config (default
-the shipped ``default`` config) with larger per-task sizes, each seed in its own run directory
-``<out>/seed-<s>`` (cached: a rerun only finishes what is missing), and prints the average
-test accuracy of each method per seed, their mean and standard deviation over seeds, and
-the per-seed difference ensemble − single adapter (its mean and spread). The seed changes
-the LoRA initialisation (hence the gradients' A), the data order, the random groups and the
-boosting adapter; the train/validation/test splits stay fixed (``tasks.split_seed``).
+Runs :func:`jax_ensemble.pipeline.run` once per seed on a config, each seed in its own run
+directory ``<out>/seed-<s>`` (every stage and adapter cached: a rerun or a killed benchmark
+only finishes what is missing), and prints per seed the average test accuracy of each
+method; over seeds, mean ± std and the paired differences ensemble − single adapter and
+ensemble − random groups with a 95% t-interval; the per-task table (mean over seeds). The
+seed changes the LoRA initialisation (hence the gradients' A), the data order, the random
+groups and the boosting adapter; the splits stay fixed (``tasks.split_seed``).
 
-    .venv/bin/python benchmarks/ensemble.py [--seeds 0 1 2] [--train-size 100] [--validation-size 40]
-        [--test-size 100] [--epochs 2] [--config default] [--out runs/bench-ensemble] [--json]
+With planted conflicts in the suite (a twin of
+:data:`jax_ensemble.data.offline.PLANTED_CONFLICTS` beside its source task, the
+``planted_conflict`` config), it also checks the mechanism per seed: is each twin pair's
+affinity (both directions) below the mean affinity of the pairs that are not twins, are the
+twins in different groups, and the same paired differences on the twins' tasks only.
+
+    .venv/bin/python benchmarks/ensemble.py [--config default] [--seeds 0 1 2] [--train-size N]
+        [--validation-size N] [--test-size N] [--epochs E] [--out runs/bench-<config>] [--json]
         [key=value ...]
 
-May take an hour or more on a 2-core CPU; not run in CI.
+Sizes default to the config's. Hours on a 2-core CPU; not run in CI (the planted-conflict
+mechanism is, at a tiny size, in tests/test_planted_conflict.py).
 """
 
 from __future__ import annotations
@@ -21,65 +28,129 @@ import argparse
 import json
 import sys
 import time
+from typing import Any, Sequence
 
 import numpy as np
+from scipy import stats
 
 from jax_ensemble.config import load_config
+from jax_ensemble.data.offline import PLANTED_CONFLICTS
 from jax_ensemble.pipeline import run
 
 METHODS = ("zero_shot", "single_adapter", "random_groups", "ensemble")
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
+    """Mean of a − b over seeds with its 95% t-interval (None with one seed)."""
+    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
+    if len(d) < 2:
+        return {"mean": float(d.mean()), "std": 0.0, "ci95": None, "per_seed": d.tolist()}
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    return {"mean": float(d.mean()), "std": float(d.std(ddof=1)), "ci95": [float(d.mean()) - half, float(d.mean()) + half],
+            "per_seed": d.tolist()}
+
+
+def twin_pairs(tasks: Sequence[str]) -> list[tuple[str, str]]:
+    """(source, planted twin) pairs present in ``tasks``."""
+    return [(PLANTED_CONFLICTS[t], t) for t in tasks if PLANTED_CONFLICTS.get(t) in tasks]
+
+
+def conflict_checks(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """Per twin pair: affinity both ways, the mean affinity of non-twin pairs, and whether
+    the twins landed in different groups."""
+    tasks = metrics["tasks"]
+    pairs = twin_pairs(tasks)
+    if not pairs:
+        return None
+    a = np.asarray(metrics["affinity"], np.float64)
+    index = {t: i for i, t in enumerate(tasks)}
+    twins = {(index[x], index[y]) for x, y in pairs} | {(index[y], index[x]) for x, y in pairs}
+    others = [a[i, j] for i in range(len(tasks)) for j in range(len(tasks)) if i != j and (i, j) not in twins]
+    group_of = {t: g for g, group in enumerate(metrics["groups"]) for t in group}
+    out = {"non_twin_mean_affinity": float(np.mean(others)), "pairs": {}}
+    for x, y in pairs:
+        out["pairs"][y] = {"affinity": [float(a[index[x], index[y]]), float(a[index[y], index[x]])],
+                           "separated": group_of[x] != group_of[y]}
+        out["pairs"][y]["below_mean"] = max(out["pairs"][y]["affinity"]) < out["non_twin_mean_affinity"]
+    out["all_separated"] = all(p["separated"] for p in out["pairs"].values())
+    out["all_below_mean"] = all(p["below_mean"] for p in out["pairs"].values())
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="default")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--train-size", type=int, default=100)
-    parser.add_argument("--validation-size", type=int, default=40)
-    parser.add_argument("--test-size", type=int, default=100)
-    parser.add_argument("--epochs", type=float, default=2.0)
-    parser.add_argument("--out", default="runs/bench-ensemble")
+    parser.add_argument("--train-size", type=int)
+    parser.add_argument("--validation-size", type=int)
+    parser.add_argument("--test-size", type=int)
+    parser.add_argument("--epochs", type=float)
+    parser.add_argument("--out", default=None, help="default runs/bench-<config name>")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
+    sizes = [f"tasks.{key}_size={value}" for key, value in
+             (("train", args.train_size), ("validation", args.validation_size), ("test", args.test_size))
+             if value is not None]
+    sizes += [f"training.epochs={args.epochs}"] if args.epochs is not None else []
+    out = args.out or f"runs/bench-{load_config(args.config).name}"
 
-    per_seed = {}
+    per_seed: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
-        overrides = [f"seed={seed}", f"tasks.train_size={args.train_size}",
-                     f"tasks.validation_size={args.validation_size}", f"tasks.test_size={args.test_size}",
-                     f"training.epochs={args.epochs}", f"run_dir={args.out}/seed-{seed}", *args.overrides]
+        config = load_config(args.config, [f"seed={seed}", *sizes, f"run_dir={out}/seed-{seed}", *args.overrides])
         start = time.perf_counter()
-        run_dir = run(load_config(args.config, overrides))
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        per_seed[seed] = {"average_accuracy": metrics["average_accuracy"], "groups": metrics["groups"],
-                          "wall_seconds": round(time.perf_counter() - start, 1),
-                          "ensemble_overhead_percent": metrics["flops"]["ensemble_overhead_percent"]}
+        metrics = json.loads((run(config) / "metrics.json").read_text())
+        per_seed[seed] = {"average_accuracy": metrics["average_accuracy"], "per_task_accuracy": metrics["per_task_accuracy"],
+                          "groups": metrics["groups"], "wall_seconds": round(time.perf_counter() - start, 1),
+                          "ensemble_overhead_percent": metrics["flops"]["ensemble_overhead_percent"],
+                          "training_budget": metrics.get("training_budget"), "conflicts": conflict_checks(metrics)}
         print(f"seed {seed}: " + ", ".join(f"{m} {metrics['average_accuracy'][m]:.3f}" for m in METHODS),
               file=sys.stderr, flush=True)
 
-    acc = {m: np.array([per_seed[s]["average_accuracy"][m] for s in args.seeds]) for m in METHODS}
-    gain = acc["ensemble"] - acc["single_adapter"]
-    result = {
-        "seeds": args.seeds,
-        "sizes": {"train": args.train_size, "validation": args.validation_size, "test": args.test_size,
-                  "epochs": args.epochs},
-        "per_seed": per_seed,
-        "mean_accuracy": {m: float(v.mean()) for m, v in acc.items()},
-        "std_accuracy": {m: float(v.std(ddof=1)) if len(v) > 1 else 0.0 for m, v in acc.items()},
-        "ensemble_minus_single_mean": float(gain.mean()),
-        "ensemble_minus_single_std": float(gain.std(ddof=1)) if len(gain) > 1 else 0.0,
-        "ensemble_minus_random_mean": float((acc["ensemble"] - acc["random_groups"]).mean()),
+    tasks = list(per_seed[args.seeds[0]]["per_task_accuracy"][METHODS[0]])
+    acc = {m: [per_seed[s]["average_accuracy"][m] for s in args.seeds] for m in METHODS}
+    per_task = {t: {m: float(np.mean([per_seed[s]["per_task_accuracy"][m][t] for s in args.seeds])) for m in METHODS}
+                for t in tasks}
+    result: dict[str, Any] = {
+        "config": args.config, "seeds": args.seeds, "overrides": [*sizes, *args.overrides], "per_seed": per_seed,
+        "mean_accuracy": {m: float(np.mean(v)) for m, v in acc.items()},
+        "std_accuracy": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in acc.items()},
+        "ensemble_minus_single": paired_difference(acc["ensemble"], acc["single_adapter"]),
+        "ensemble_minus_random": paired_difference(acc["ensemble"], acc["random_groups"]),
+        "per_task_mean_accuracy": per_task,
     }
+    twins = [t for pair in twin_pairs(tasks) for t in pair]
+    if twins:
+        def on_twins(m: str) -> list[float]:
+            return [float(np.mean([per_seed[s]["per_task_accuracy"][m][t] for t in twins])) for s in args.seeds]
+        result["twins"] = {
+            "tasks": twins,
+            "mean_accuracy": {m: float(np.mean(on_twins(m))) for m in METHODS},
+            "ensemble_minus_single": paired_difference(on_twins("ensemble"), on_twins("single_adapter")),
+            "separated_seeds": sum(per_seed[s]["conflicts"]["all_separated"] for s in args.seeds),
+            "below_mean_seeds": sum(per_seed[s]["conflicts"]["all_below_mean"] for s in args.seeds),
+        }
     if args.json:
         print(json.dumps(result))
         return
     print(f"{'method':<16} " + " ".join(f"seed {s:>3}" for s in args.seeds) + "    mean ± std")
     for m in METHODS:
         print(f"{m:<16} " + " ".join(f"{x:>8.3f}" for x in acc[m])
-              + f"    {acc[m].mean():.3f} ± {result['std_accuracy'][m]:.3f}")
-    print(f"ensemble - single adapter: {result['ensemble_minus_single_mean']:+.3f} ± "
-          f"{result['ensemble_minus_single_std']:.3f}; ensemble - random groups: "
-          f"{result['ensemble_minus_random_mean']:+.3f}")
+              + f"    {result['mean_accuracy'][m]:.3f} ± {result['std_accuracy'][m]:.3f}")
+    for name in ("ensemble_minus_single", "ensemble_minus_random"):
+        d = result[name]
+        ci = "" if d["ci95"] is None else f"  95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+        print(f"{name.replace('_', ' ')}: {d['mean']:+.3f} ± {d['std']:.3f}{ci}")
+    print(f"\n{'task (mean over seeds)':<30} " + " ".join(f"{m:>14}" for m in METHODS))
+    for t, row in per_task.items():
+        print(f"{t:<30} " + " ".join(f"{row[m]:>14.3f}" for m in METHODS))
+    if twins:
+        tw = result["twins"]
+        d = tw["ensemble_minus_single"]
+        ci = "" if d["ci95"] is None else f", 95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
+        print(f"\nplanted twins ({', '.join(twins)}): ensemble − single {d['mean']:+.3f}{ci}; separated in "
+              f"{tw['separated_seeds']}/{len(args.seeds)} seeds; twin affinity below the non-twin mean in "
+              f"{tw['below_mean_seeds']}/{len(args.seeds)} seeds")
 
 
 if __name__ == "__main__":

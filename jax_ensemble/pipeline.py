@@ -194,6 +194,7 @@ def run(config: Config) -> Path:
         "groups": grouping["groups"],
         "grouping_method": grouping["method"],
         "grouping_info": grouping["info"],
+        "affinity": affinity["affinity"],
         "random_groups": [[names[t] for t in g] for g in random_groups],
         "boosting_steps": len(chosen),
         "boosted_groups": [grouping["groups"][g] for g in chosen],

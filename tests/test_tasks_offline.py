@@ -12,7 +12,7 @@ from jax_ensemble.cli import main
 from jax_ensemble.config import TasksConfig
 from jax_ensemble.data import SUITES, load_task, render_prompt
 from jax_ensemble.data.batching import label_token_ids
-from jax_ensemble.data.offline import OFFLINE_TASKS
+from jax_ensemble.data.offline import OFFLINE_TASKS, PLANTED_CONFLICTS
 
 DEFAULT = TasksConfig()
 
@@ -53,25 +53,25 @@ def test_every_offline_task_is_splittable_at_default_sizes(offline_tasks):
         assert task.spec.license.startswith("Apache-2.0")
 
 
-def test_planted_conflicts_share_rows_and_splits_and_swap_the_answer(offline_tasks, default_tokenizer):
-    """Each swapped task has its source's exact train / validation / test rows and classes,
-    another instruction, and each class's label word is the other class's: the same input
-    asks for opposite answers, and no test text of one is a training text of the other."""
+def test_planted_conflicts_share_rows_splits_and_prompts_and_rotate_the_answer(offline_tasks, default_tokenizer):
+    """Each planted twin has its source's exact train / validation / test rows, classes and
+    prompts, and class c is answered with the source's word for class c + 1 (mod K; two
+    classes: swapped): the same prompt asks for another answer."""
     suite = SUITES["planted_conflict"]
-    swapped = [n for n in suite if n.endswith("_swapped")]
-    assert len(swapped) == 3 and len(suite) == 8
-    for name in swapped:
-        source, task = offline_tasks[name.removesuffix("_swapped")], offline_tasks[name]
+    twins = [n for n in suite if n in PLANTED_CONFLICTS]
+    assert len(twins) == 3 and len(suite) == 8
+    assert {offline_tasks[n].spec.num_classes for n in twins} == {2, 7}
+    for name in twins:
+        source, task = offline_tasks[PLANTED_CONFLICTS[name]], offline_tasks[name]
         assert source.name in suite and task.spec.class_names == source.spec.class_names
-        assert task.spec.label_words == source.spec.label_words[::-1]
         field = source.spec.template_fields()[0]
         for split in ("train", "validation", "test"):
             assert task.split(split)[field] == source.split(split)[field], (name, split)
             assert task.split(split)["label"] == source.split(split)["label"], (name, split)
         row = task.split("train")[0]
-        assert render_prompt(task.spec, row) != render_prompt(source.spec, row)
-        answers = [label_token_ids(spec, default_tokenizer) for spec in (source.spec, task.spec)]
-        assert list(answers[0]) == list(answers[1][::-1])
+        assert render_prompt(task.spec, row) == render_prompt(source.spec, row)
+        source_ids, twin_ids = (list(label_token_ids(spec, default_tokenizer)) for spec in (source.spec, task.spec))
+        assert twin_ids == source_ids[1:] + source_ids[:1] and len(set(twin_ids)) == len(twin_ids)
 
 
 def test_splits_are_deterministic_for_a_seed():

@@ -137,16 +137,19 @@ def _rotten(name: str, template: str, classes: dict[str, str], kind: str, descri
     )
 
 
-def _swapped(task: OfflineTask, template: str, description: str) -> OfflineTask:
-    """A planted conflict: ``task``'s rows and splits under another instruction, each class
-    answered with the other class's label word (two classes). Fine-tuning on both tasks at
-    once pulls the model two ways on the same inputs (negative transfer by construction)."""
+def _planted_conflict(task: OfflineTask) -> OfflineTask:
+    """A planted conflict: ``task``'s rows, splits and prompts, each class answered with the
+    next class's label word (words rotated by one; two classes: swapped, ``<name>_swapped``;
+    more: ``<name>_rotated``). Every prompt of the twin is a prompt of the source with another
+    answer, so no single model is right on both: one adapter trained on the pair scores at most
+    1 on the sum of their accuracies (exactly 1 with two classes), and negative transfer is
+    certain wherever the source task can be learned."""
     spec = task.spec
-    if spec.num_classes != 2:
-        raise ValueError(f"{spec.name}: only two-class tasks can swap their label words")
+    suffix = "swapped" if spec.num_classes == 2 else "rotated"
     return dataclasses.replace(task, spec=dataclasses.replace(
-        spec, name=f"{spec.name}_swapped", template=template, label_words=spec.label_words[::-1],
-        kind=f"{spec.kind}, swapped", description=description, split_salt=spec.split_salt or spec.name))
+        spec, name=f"{spec.name}_{suffix}", label_words=spec.label_words[1:] + spec.label_words[:1],
+        kind=f"{spec.kind}, {suffix}", description=f"{spec.name} with each answer {suffix} (a planted conflict)",
+        split_salt=spec.split_salt or spec.name))
 
 
 _SOURCE_TASKS: tuple[OfflineTask, ...] = (
@@ -212,20 +215,10 @@ _SOURCE_TASKS: tuple[OfflineTask, ...] = (
 )
 _BY_NAME = {t.spec.name: t for t in _SOURCE_TASKS}
 
-_TASKS: tuple[OfflineTask, ...] = _SOURCE_TASKS + (
-    _swapped(_BY_NAME["rt_polarity"],
-             "Review: {text}\nThis is a game of opposites: answer with the sentiment this review does NOT "
-             "express, positive or negative.\nAnswer:",
-             "rt_polarity's snippets and splits, answered with the opposite sentiment word (planted conflict)"),
-    _swapped(_BY_NAME["rt_subjectivity"],
-             "Sentence: {text}\nThis is a game of opposites: answer with the kind this sentence is NOT, "
-             "subjective or objective.\nAnswer:",
-             "rt_subjectivity's sentences and splits, answered with the other kind's word (planted conflict)"),
-    _swapped(_BY_NAME["sports_understanding"],
-             "This is a game of opposites: if the statement about sports is plausible answer implausible, "
-             "otherwise plausible.\nStatement: {input}\nAnswer:",
-             "sports_understanding's statements and splits, answered with the other word (planted conflict)"),
-)
+_CONFLICTS = tuple(_planted_conflict(_BY_NAME[name]) for name in ("rt_polarity", "rt_subjectivity", "intent_recognition"))
+PLANTED_CONFLICTS: dict[str, str] = {t.spec.name: t.spec.split_salt for t in _CONFLICTS}
+"""Planted-conflict twin → its source task (same rows, splits and prompts; other answers)."""
+_TASKS: tuple[OfflineTask, ...] = _SOURCE_TASKS + _CONFLICTS
 
 OFFLINE_TASKS: dict[str, OfflineTask] = {t.spec.name: t for t in _TASKS}
 

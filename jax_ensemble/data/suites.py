@@ -64,11 +64,11 @@ SUITES: dict[str, tuple[str, ...]] = {
         "winowhy", "strategyqa", "sports_understanding", "intent_recognition", "implicatures",
     ),
     "superglue10": tuple(HUB_TASKS),
-    # three real tasks, each beside its planted conflict (same rows and splits, swapped answers),
-    # and two unrelated tasks: grouping must keep each pair apart
+    # three tasks the model learns, each beside its planted conflict (same prompts and splits,
+    # other answers), and two unrelated tasks: grouping must keep each pair apart
     "planted_conflict": (
         "rt_polarity", "rt_polarity_swapped", "rt_subjectivity", "rt_subjectivity_swapped",
-        "sports_understanding", "sports_understanding_swapped", "strategyqa", "implicatures",
+        "intent_recognition", "intent_recognition_rotated", "strategyqa", "implicatures",
     ),
 }
 
