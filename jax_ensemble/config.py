@@ -231,6 +231,8 @@ class EnsembleConfig:
     step_size: η of each boosting adapter (official default 0.2).
     random_groups: also train the same number of groups chosen at random (a baseline).
     weights_solver: cvxpy solver for the ensemble weights.
+    prune_below: fitted weights α[t, m] below this are set to 0 (each task's α renormalised),
+      and a member with α[t, m] = 0 is not run on task t's rows (routed inference).
     """
 
     per_task_weights: bool = True
@@ -238,6 +240,7 @@ class EnsembleConfig:
     step_size: float = 0.2
     random_groups: bool = True
     weights_solver: str = "CLARABEL"
+    prune_below: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.boosting_steps < 0:
@@ -245,6 +248,8 @@ class EnsembleConfig:
         if not 0.0 < self.step_size <= 1.0:
             raise ConfigError(f"ensemble.step_size must be in (0, 1], got {self.step_size}")
         check_choice("ensemble.weights_solver", self.weights_solver, WEIGHTS_SOLVERS)
+        if not 0.0 <= self.prune_below < 0.5:
+            raise ConfigError(f"ensemble.prune_below must be in [0, 0.5), got {self.prune_below}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -66,14 +66,20 @@ def per_task_accuracy(logits: np.ndarray, table: Table, names: Sequence[str]) ->
 
 
 def compute_flops(config: Config, arch, tables: dict[str, Table], adapters: dict[str, dict[str, Any]],
-                  affinity: dict[str, Any], num_groups: int, boosted: int) -> dict[str, float]:
-    """Analytical FLOPs per stage and the ensemble's overhead over the single adapter (percent)."""
+                  affinity: dict[str, Any], inference_passes: dict[str, dict[str, int]]) -> dict[str, Any]:
+    """Analytical FLOPs per stage and the ensemble's overhead over the single adapter (percent).
+
+    ``inference_passes``: ensemble name → adapter passes over test rows, ``routed`` (what
+    runs) and ``dense`` (every member on every row; :func:`ensemble_maths.routed_passes`)."""
     fwd = {split: accounting.table_forward_flops(arch, t) for split, t in tables.items()}
     per_row = {split: fwd[split] / len(t["label"]) for split, t in tables.items()}
     gradients = accounting.BACKWARD_FACTOR * (fwd["train"] + fwd["validation"])
-    solves = accounting.newton_solve_flops(len(affinity["subsets"]), affinity["rows"],
-                                           tables["train"]["label_token_ids"].shape[1], affinity["dim"],
-                                           affinity["max_iterations"])
+    train_rows = np.bincount(tables["train"]["task_index"], minlength=len(affinity["tasks"]))
+    index = {name: t for t, name in enumerate(affinity["tasks"])}
+    width = tables["train"]["label_token_ids"].shape[1]
+    solves = accounting.affinity_solve_flops(
+        affinity["solver"], [int(sum(train_rows[index[n]] for n in subset)) for subset in affinity["subsets"]],
+        int(train_rows.sum()), 1 if width == 2 else width, affinity["dim"], affinity["max_iterations"])
 
     def fine_tuning_flops(names: Sequence[str]) -> float:
         return sum(accounting.BACKWARD_FACTOR * per_row["train"] * a["steps"] * config.training.batch_size
@@ -81,11 +87,11 @@ def compute_flops(config: Config, arch, tables: dict[str, Table], adapters: dict
 
     groups = [n for n in adapters if n.startswith("group-")]
     boosters = [n for n in adapters if n.startswith("boost-")]
-    test_rows = len(tables["test"]["label"])
-    single_inference = per_row["test"] * test_rows
-    ensemble_inference = per_row["test"] * test_rows * (num_groups + boosted + (1 if boosted else 0))
+    single_inference = per_row["test"] * len(tables["test"]["label"])
+    inference = {name: {way: per_row["test"] * count for way, count in passes.items()}
+                 for name, passes in inference_passes.items()}
     single_total = fine_tuning_flops(["single"]) + single_inference
-    ensemble_total = gradients + solves + fine_tuning_flops(groups + boosters) + ensemble_inference
+    ensemble_total = gradients + solves + fine_tuning_flops(groups + boosters) + inference["ensemble"]["routed"]
     return {
         "gradients": gradients,
         "affinity_solves": solves,
@@ -94,10 +100,18 @@ def compute_flops(config: Config, arch, tables: dict[str, Table], adapters: dict
         "training_boosting": fine_tuning_flops(boosters),
         "training_random_groups": fine_tuning_flops([n for n in adapters if n.startswith("random-")]),
         "inference_single_adapter": single_inference,
-        "inference_ensemble": ensemble_inference,
+        "inference_ensemble": inference["ensemble"]["routed"],
+        "inference_ensemble_dense": inference["ensemble"]["dense"],
+        "inference_random_groups": inference.get("random_groups", {}).get("routed", 0.0),
+        "inference_random_groups_dense": inference.get("random_groups", {}).get("dense", 0.0),
         "single_adapter_total": single_total,
         "ensemble_total": ensemble_total,
         "ensemble_overhead_percent": 100.0 * (ensemble_total / single_total - 1.0),
+        "ensemble_overhead_percent_by_stage": {
+            stage: 100.0 * flops / single_total for stage, flops in (
+                ("gradients", gradients), ("affinity_solves", solves),
+                ("training", fine_tuning_flops(groups + boosters) - fine_tuning_flops(["single"])),
+                ("inference", inference["ensemble"]["routed"] - single_inference))},
     }
 
 
@@ -145,9 +159,10 @@ def run(config: Config) -> Path:
     def weighted(prefix: str, count: int) -> tuple[ensemble_maths.Ensemble, np.ndarray]:
         members = stack_trees([adapters[f"{prefix}-{g}"]["lora"] for g in range(count)])
         logits = stacked_table_logits(graphdef, members, base, val, bs)
-        alpha = ensemble_maths.fit_ensemble_weights(
+        alpha = ensemble_maths.prune_weights(ensemble_maths.fit_ensemble_weights(
             logits, val["label"], val["weight"], val["task_index"], len(names),
-            per_task=config.ensemble.per_task_weights, solver=config.ensemble.weights_solver)
+            per_task=config.ensemble.per_task_weights, solver=config.ensemble.weights_solver),
+            config.ensemble.prune_below)
         return ensemble_maths.make_ensemble(members, alpha), logits
 
     grouped, group_val_logits = weighted("group", len(groups))
@@ -175,12 +190,14 @@ def run(config: Config) -> Path:
         "single_adapter": per_task_accuracy(single, test, names),
         "ensemble": per_task_accuracy(ensemble_table_logits(graphdef, grouped, base, test, bs), test, names),
     }
+    passes = {"ensemble": ensemble_maths.routed_passes(grouped, test["task_index"])}
     if random_groups:
         random_ensemble, _ = weighted("random", len(random_groups))
         per_task["random_groups"] = per_task_accuracy(
             ensemble_table_logits(graphdef, random_ensemble, base, test, bs), test, names)
+        passes["random_groups"] = ensemble_maths.routed_passes(random_ensemble, test["task_index"])
     average = {method: float(np.mean(list(acc.values()))) for method, acc in per_task.items()}
-    flops = compute_flops(config, loaded.architecture, tables, adapters, affinity, len(groups), len(chosen))
+    flops = compute_flops(config, loaded.architecture, tables, adapters, affinity, passes)
 
     _log(6, "report: metrics.json, report.md, PNGs, PEFT adapters")
     for name, adapter in adapters.items():
@@ -224,7 +241,9 @@ def run(config: Config) -> Path:
     write_report(run_dir, metrics, Path(grouping["heatmap"]).read_bytes(),
                  None if check is None else Path(check["scatter_png"]).read_bytes())
     print("average test accuracy: " + ", ".join(f"{m} {a:.3f}" for m, a in average.items()))
-    print(f"ensemble overhead over the single adapter: {flops['ensemble_overhead_percent']:.1f}% FLOPs")
+    print(f"ensemble overhead over the single adapter: {flops['ensemble_overhead_percent']:.1f}% FLOPs "
+          f"(inference routed to the members each task uses: {passes['ensemble']['routed']:,} adapter passes over "
+          f"test rows, {passes['ensemble']['dense']:,} dense)")
     print(f"run directory: {run_dir}")
     return run_dir
 

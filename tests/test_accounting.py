@@ -9,7 +9,7 @@ from flax import nnx
 from jax_ensemble.core.linearize import forward_flops as xla_flops
 from jax_ensemble.models import LlamaConfig, LlamaForCausalLM
 from jax_ensemble.models.classification import label_logits
-from jax_ensemble.stages.accounting import forward_flops, newton_solve_flops, peak_memory_bytes
+from jax_ensemble.stages.accounting import affinity_solve_flops, forward_flops, newton_solve_flops, peak_memory_bytes
 
 CFG = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=1,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
@@ -36,4 +36,7 @@ def test_forward_flops_match_xla_cost_analysis(rows, length):
 
 def test_newton_flops_closed_form_and_memory():
     assert newton_solve_flops(2, 10, 1, 3, 4) == 2 * 4 * (10 * 9 + 9)
+    # vmapped Newton pads every subset to the largest one's rows; L-BFGS masks all 30 rows
+    assert affinity_solve_flops("newton", [10, 6, 8], 30, 1, 3, 4) == 3 * 4 * (10 * 9 + 9)
+    assert affinity_solve_flops("lbfgs", [10, 6, 8], 30, 7, 3, 4) == 3 * 4 * 4 * 30 * 7 * 3
     assert peak_memory_bytes()["host_peak_rss"] > 10 * 2**20

@@ -15,6 +15,7 @@ from sklearn.linear_model import Ridge
 from tiny_training import TINY, synthetic_table
 
 from jax_ensemble.core.ensemble import (
+    active_calls,
     add_booster,
     boosting_offsets,
     closed_form_step,
@@ -25,7 +26,9 @@ from jax_ensemble.core.ensemble import (
     linear_boost,
     logit_features,
     make_ensemble,
+    prune_weights,
     ridge_fit,
+    routed_passes,
 )
 from jax_ensemble.core.losses import NO_CHOICE_LOGIT
 from jax_ensemble.core.projection import make_projector
@@ -217,8 +220,31 @@ def test_ensemble_logits_closed_form():
     valid = table["label_token_ids"] >= 0
     np.testing.assert_allclose(got[valid], expected[valid], rtol=1e-5, atol=1e-5)
     assert np.all(got[~valid] < NO_CHOICE_LOGIT / 2)
+    # routed: task 1 (α[1, 0] = 0, no booster) runs members 1 and 2 only, task 0 everything and the base
+    np.testing.assert_array_equal(active_calls(ens), [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
     np.testing.assert_allclose(ensemble_table_logits(graphdef, ens, base, table, batch_size=4), got, rtol=1e-5,
                                atol=1e-4)
+    rows = np.bincount(t, minlength=2)
+    assert routed_passes(ens, t) == {"routed": 5 * rows[0] + 2 * rows[1], "dense": 5 * len(t)}
+    plain = make_ensemble(members, alpha)  # no booster: no base pass either
+    assert routed_passes(plain, t) == {"routed": 3 * rows[0] + 2 * rows[1], "dense": 3 * len(t)}
+    routed = ensemble_table_logits(graphdef, plain, base, table, batch_size=4)
+    np.testing.assert_allclose(routed[valid], sum(alpha[t, m][:, None] * z[m] for m in range(3))[valid],
+                               rtol=1e-5, atol=1e-4)
+
+
+def test_prune_weights_zeroes_small_weights_and_renormalises():
+    alpha = np.array([[0.6, 0.3995, 0.0005], [0.0004, 0.0004, 0.9992], [0.5, 0.5, 0.0]])
+    pruned = prune_weights(alpha, 1e-3)
+    np.testing.assert_allclose(pruned, [[0.6 / 0.9995, 0.3995 / 0.9995, 0.0], [0.0, 0.0, 1.0], [0.5, 0.5, 0.0]])
+    np.testing.assert_array_equal(prune_weights(alpha, 0.0), alpha)
+    rng = np.random.default_rng(5)
+    random = rng.dirichlet(np.full(6, 0.3), size=50)
+    for threshold in (1e-3, 0.05, 0.3):
+        out = prune_weights(random, threshold)
+        np.testing.assert_allclose(out.sum(axis=1), 1.0)
+        assert np.all((out == 0) | (random >= threshold) | (random == random.max(axis=1, keepdims=True)))
+        np.testing.assert_array_equal(out.argmax(axis=1), random.argmax(axis=1))
 
 
 def _train_loss(logits, table):

@@ -10,8 +10,12 @@ choices (padded choices carry :data:`~jax_ensemble.core.losses.NO_CHOICE_LOGIT`)
   minimising the validation Σ_i w_i CE(Σ_m α_m z_m(x_i), y_i) of task t (cvxpy, Clarabel).
   Per task is the default: that is what the paper does (each task leans on the groups
   that help it); ``per_task=False`` fits one α for all rows.
+- :func:`prune_weights` — α_t with entries below a threshold set to 0, renormalised.
 - :func:`combine_logits` — Σ_m α[t_i, m] z_{m,i}; :func:`boosted_logits` — F + Σ_j η[j, t_i] (z_j − z_base).
 - :class:`Ensemble` — members, α, boosting adapters and their per-task step sizes (pytrees).
+- Routing: :func:`active_calls` (which members, boosters and the base model task t's rows
+  need), :func:`restrict` (the ensemble of those only: same logits on t's rows),
+  :func:`routed_passes` (adapter passes per row, routed and dense).
 - Boosting: :func:`group_losses` (the group with the highest training loss gets the next
   learner), :func:`group_step_sizes`, :func:`boosting_offsets` (the fixed offset F − z_base
   a trained learner sees), and the closed form: :func:`residuals` r = onehot(y) − softmax(F),
@@ -112,6 +116,16 @@ def fit_ensemble_weights(logits: np.ndarray, labels: np.ndarray, weights: np.nda
     return np.stack(alphas)
 
 
+def prune_weights(weights: np.ndarray, threshold: float) -> np.ndarray:
+    """α (T, M) with every entry below ``threshold`` set to 0 and each row renormalised to
+    sum 1 (a row's largest entry always stays). A member pruned for task t is then not run
+    on t's rows at all (:func:`active_calls`); ``threshold`` 0 keeps α as it is."""
+    alpha = np.asarray(weights, np.float64)
+    keep = (alpha >= threshold) | (alpha == alpha.max(axis=1, keepdims=True))
+    alpha = np.where(keep, alpha, 0.0)
+    return alpha / alpha.sum(axis=1, keepdims=True)
+
+
 def combine_logits(member_logits: jax.Array, alpha: jax.Array, task_index: jax.Array) -> jax.Array:
     """Σ_m α[t_i, m] z_{m,i}: member logits (M, B, K), α (T, M), task_index (B,) → (B, K)."""
     return jnp.einsum("mbk,bm->bk", member_logits, jnp.asarray(alpha, member_logits.dtype)[task_index])
@@ -139,6 +153,35 @@ def add_booster(ensemble: Ensemble, lora: Any, step_sizes: np.ndarray) -> Ensemb
     boosters = jax.tree.map(lambda s, x: jnp.concatenate([s, x[None]]), ensemble.boosters, lora)
     steps = jnp.concatenate([ensemble.step_sizes, jnp.asarray(step_sizes, jnp.float32)[None]])
     return ensemble._replace(boosters=boosters, step_sizes=steps)
+
+
+def active_calls(ensemble: Ensemble) -> np.ndarray:
+    """(T, M + b + 1) bool: the stacked adapters task t's rows need, in the order members,
+    boosters, base model: α[t, m] > 0, η[j, t] ≠ 0, and the base model (z_base of
+    :func:`boosted_logits`) when any booster serves t."""
+    members = np.asarray(ensemble.weights) > 0
+    boosters = np.asarray(ensemble.step_sizes).T != 0
+    return np.concatenate([members, boosters, boosters.any(axis=1, keepdims=True)], axis=1)
+
+
+def restrict(ensemble: Ensemble, active: np.ndarray) -> Ensemble:
+    """The ensemble of the members and boosters marked in ``active`` ((M + b + 1,) bool, a row
+    of :func:`active_calls`): on the rows of every task whose row of :func:`active_calls`
+    is ``active``, its logits are the full ensemble's (the dropped terms are zero there)."""
+    m = ensemble.weights.shape[1]
+    keep_m, keep_b = np.flatnonzero(active[:m]), np.flatnonzero(active[m:-1])
+    return Ensemble(jax.tree.map(lambda x: x[keep_m], ensemble.members), ensemble.weights[:, keep_m],
+                    jax.tree.map(lambda x: x[keep_b], ensemble.boosters), ensemble.step_sizes[keep_b])
+
+
+def routed_passes(ensemble: Ensemble, task_index: np.ndarray) -> dict[str, int]:
+    """Adapter passes over rows with ``task_index`` (N,): ``routed`` Σ_i (calls task t_i
+    needs), ``dense`` N · (M + b + [b > 0]) (every member and booster, and the base model
+    whenever there is a booster, on every row)."""
+    calls = active_calls(ensemble)
+    m, b = ensemble.weights.shape[1], ensemble.step_sizes.shape[0]
+    return {"routed": int(calls.sum(axis=1)[np.asarray(task_index)].sum()),
+            "dense": int(len(task_index) * (m + b + (1 if b else 0)))}
 
 
 def boosted_logits(logits: jax.Array, booster_logits: jax.Array, base_logits: jax.Array, step_sizes: jax.Array,

@@ -67,6 +67,12 @@ def batch_indices(num_rows: int, batch_size: int, seed: int, step: int) -> np.nd
     return out
 
 
+def rows_of(table: Table, task_ids: Sequence[int]) -> Table:
+    """The rows of ``table`` whose ``task_index`` is in ``task_ids``."""
+    keep = np.isin(table["task_index"], task_ids)
+    return {k: v[keep] for k, v in table.items()}
+
+
 def take_batch(table: Table, indices: np.ndarray, num_micro: int = 1) -> dict[str, np.ndarray]:
     """Rows ``indices`` of ``table``, reshaped to (num_micro, len(indices)/num_micro, ...)."""
     return {k: v[indices].reshape((num_micro, -1) + v.shape[1:]) for k, v in table.items()}

@@ -6,7 +6,9 @@ per token and layer 2·(D·H·Dh + 2·D·KV·Dh + H·Dh·D + 3·D·F) for the pr
 plus 2·D·K for the K label-word logits at the answer position. A LoRA training step or
 a per-example gradient costs about 2× the forward pass (the backward pass needs only
 activation gradients and the small LoRA weight gradients, never the base weights');
-a Newton solve of the affinity stage costs iterations · (n·K·d² + d³/3) per subset.
+the affinity stage's solves cost, per subset, iterations · (m·K·d² + d³/3) with Newton
+(m: the largest subset's training rows, to which the vmapped solves pad) and
+iterations · 4·N·K·d with L-BFGS (one loss-and-gradient pass over all N rows, masked).
 Peak memory is the process's peak resident set size (host) and, where the backend
 reports it, the devices' peak bytes in use.
 """
@@ -14,7 +16,7 @@ reports it, the devices' peak bytes in use.
 from __future__ import annotations
 
 import resource
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 
@@ -44,6 +46,17 @@ def table_forward_flops(config: LlamaConfig, table: dict[str, Any]) -> float:
 def newton_solve_flops(subsets: int, rows: int, choices: int, dim: int, iterations: int) -> float:
     """FLOPs of ``subsets`` Newton solves: iterations · (rows·K·d² + d³/3) each."""
     return float(subsets * iterations * (rows * choices * dim**2 + dim**3 / 3))
+
+
+def affinity_solve_flops(solver: str, subset_rows: Sequence[int], total_rows: int, choices: int, dim: int,
+                         iterations: int) -> float:
+    """FLOPs of the affinity stage's vmapped solves, as they run: every subset for the
+    largest ``iterations`` count; Newton on the largest subset's rows (``subset_rows``: each
+    subset's training rows), L-BFGS on all ``total_rows`` rows (4·N·K·d per iteration: a
+    product with G and one with Gᵀ). K (``choices``) is 1 for scalar log-odds."""
+    if solver == "newton":
+        return newton_solve_flops(len(subset_rows), max(subset_rows), choices, dim, iterations)
+    return float(len(subset_rows) * iterations * 4 * total_rows * choices * dim)
 
 
 def peak_memory_bytes() -> dict[str, int]:

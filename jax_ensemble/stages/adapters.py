@@ -13,11 +13,9 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-import numpy as np
-
 from jax_ensemble.config import Config, config_to_dict
 from jax_ensemble.data import load_suite, tokenize_split
-from jax_ensemble.data.tables import Table, num_rows, table_of_splits
+from jax_ensemble.data.tables import Table, num_rows, rows_of, table_of_splits
 from jax_ensemble.models.tokenizer import Tokenizer
 from jax_ensemble.training.engine import adapter_training, train
 from jax_ensemble.training.losses import classification_objective
@@ -45,12 +43,6 @@ def adapter_fingerprint(config: Config, task_names: Sequence[str]) -> dict[str, 
     settings = config_to_dict(config)
     return {"settings": {k: settings[k] for k in ("model", "lora", "tasks", "training", "seed")},
             "tasks": list(task_names)}
-
-
-def rows_of(table: Table, task_ids: Sequence[int]) -> Table:
-    """The rows of ``table`` whose ``task_index`` is in ``task_ids``."""
-    keep = np.isin(table["task_index"], task_ids)
-    return {k: v[keep] for k, v in table.items()}
 
 
 def wall_seconds_of(history: Sequence[dict[str, Any]]) -> float | None:

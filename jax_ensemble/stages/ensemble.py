@@ -8,7 +8,9 @@ docs/method.md §7.
 - :func:`stacked_label_logits` — z_m(x) for every adapter m (M, B, K); the base is a jit
   argument, never a constant; :func:`stacked_table_logits` over a whole table.
 - :func:`ensemble_logits` — Σ_m α[t,m] z_m + Σ_j η[j,t] (z_j − z_base): members, boosters
-  and the base model evaluated as one stacked call.
+  and (with boosters) the base model evaluated as one stacked call;
+  :func:`ensemble_table_logits` over a table, routed: each task's rows run only the
+  members with α[t,m] > 0 and the boosters serving t (equal to the dense call).
 - :func:`boost` runs boosting rounds with a learner; :func:`boost_trained` trains each
   learner with the training engine (:func:`jax_ensemble.training.engine.train`, the
   :func:`~jax_ensemble.training.losses.boosting_objective`: checkpointed, resumable and
@@ -33,6 +35,7 @@ from jax_ensemble.core.batch import MODEL_KEYS, Batch, Table
 from jax_ensemble.core.ensemble import (
     DEFAULT_STEP_SIZE,
     Ensemble,
+    active_calls,
     add_booster,
     boosted_logits,
     boosting_offsets,
@@ -41,11 +44,12 @@ from jax_ensemble.core.ensemble import (
     group_step_sizes,
     logit_features,
     residuals,
+    restrict,
     ridge_fit,
 )
 from jax_ensemble.core.projection import Projector, lift
 from jax_ensemble.core.trees import stack_trees, unstack_tree, zeros_like_member
-from jax_ensemble.data.tables import eval_batches
+from jax_ensemble.data.tables import eval_batches, rows_of
 from jax_ensemble.errors import ConfigError, DataError
 from jax_ensemble.models.classification import lora_label_logits_fn
 from jax_ensemble.models.lora_gradients import lora_feature_split
@@ -83,8 +87,12 @@ def stacked_table_logits(graphdef: nnx.GraphDef, stacked_lora: Any, base: nnx.St
 @functools.partial(jax.jit, static_argnames="graphdef")
 def ensemble_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, batch: Batch) -> jax.Array:
     """(B, K) ensemble logits Σ_m α[t,m] z_m + Σ_j η[j,t] (z_j − z_base), t = batch
-    ``task_index``: members, boosters and the base model evaluated as one stacked call."""
+    ``task_index``: members, boosters and the base model evaluated as one stacked call (the
+    base model only when there are boosters: b = 0 needs no z_base)."""
     m, b = ensemble.weights.shape[1], ensemble.step_sizes.shape[0]
+    if b == 0:
+        return combine_logits(stacked_label_logits(graphdef, ensemble.members, base, batch), ensemble.weights,
+                              batch["task_index"])
     everything = jax.tree.map(lambda x, y, z: jnp.concatenate([x, y, z[None]]),
                               ensemble.members, ensemble.boosters, zeros_like_member(ensemble.members))
     z = stacked_label_logits(graphdef, everything, base, batch)
@@ -94,8 +102,24 @@ def ensemble_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State,
 
 def ensemble_table_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, table: Table,
                           batch_size: int) -> np.ndarray:
-    """(N, K) ensemble logits over every row of ``table`` (needs ``task_index``)."""
-    return table_outputs(lambda b: ensemble_logits(graphdef, ensemble, base, b), table, batch_size)
+    """(N, K) ensemble logits over every row of ``table`` (needs ``task_index``), routed: the
+    tasks that need the same members and boosters (:func:`active_calls`) are evaluated
+    together by the :func:`restrict`-ed ensemble, so a member with α[t, m] = 0 never runs on
+    task t's rows (:func:`routed_passes` counts the passes saved). Equal to
+    :func:`ensemble_logits` over the whole table."""
+    task_index = np.asarray(table["task_index"])
+    calls = active_calls(ensemble)
+    out: np.ndarray | None = None
+    for pattern in np.unique(calls[np.unique(task_index)], axis=0):
+        tasks = np.flatnonzero((calls == pattern).all(axis=1))
+        rows = np.isin(task_index, tasks)
+        part = restrict(ensemble, pattern)
+        logits = table_outputs(lambda b, part=part: ensemble_logits(graphdef, part, base, b),
+                               rows_of(table, tasks), batch_size)
+        if out is None:
+            out = np.empty((len(task_index), *logits.shape[1:]), logits.dtype)
+        out[rows] = logits
+    return out
 
 
 class BoostingRound(NamedTuple):

@@ -42,10 +42,11 @@ from jax_ensemble.config import Config
 from jax_ensemble.core.affinity import balancing_weights
 from jax_ensemble.core.solvers import correct, example_losses
 from jax_ensemble.core.trees import stack_trees
+from jax_ensemble.data.tables import rows_of
 from jax_ensemble.errors import ConfigError
 from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.models.lora_gradients import lora_feature_split
-from jax_ensemble.stages.adapters import adapters_for_plan, rows_of, suite_tables
+from jax_ensemble.stages.adapters import adapters_for_plan, suite_tables
 from jax_ensemble.stages.ensemble import lifted_adapter, stacked_table_logits
 from jax_ensemble.stages.gradients import load_gradients, stage_projector
 from jax_ensemble.stages.grouping import affinity_stage, estimate_stacked, stack_tasks
