@@ -398,6 +398,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = [*args.overrides, *extra]
     configure_logging(args.log_level)
+    from jax_ensemble.storage.compilation_cache import enable_compilation_cache
+
+    enable_compilation_cache()
     handler: Callable[[argparse.Namespace], int] = args.handler
     try:
         return handler(args)

@@ -52,11 +52,28 @@ from jax_ensemble.training.mesh import make_mesh
 
 log = logging.getLogger(__name__)
 
-STAGES = 6
+STAGES = ("model", "grouping", "training", "ensemble", "evaluation", "report")
 
 
-def _log(step: int, message: str) -> None:
-    log.info("[%d/%d] %s", step, STAGES, message)
+class StageClock:
+    """Logs ``[i/6] message`` as each stage of :data:`STAGES` starts and records every
+    stage's wall seconds (``seconds``: stage → s, in order)."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._running: tuple[str, float] | None = None
+
+    def start(self, stage: str, message: str) -> None:
+        self.stop()
+        log.info("[%d/%d] %s: %s", STAGES.index(stage) + 1, len(STAGES), stage, message)
+        self._running = (stage, time.perf_counter())
+
+    def stop(self) -> dict[str, float]:
+        if self._running is not None:
+            stage, since = self._running
+            self.seconds[stage] = round(time.perf_counter() - since, 1)
+            self._running = None
+        return self.seconds
 
 
 def per_task_accuracy(logits: np.ndarray, table: Table, names: Sequence[str]) -> dict[str, float]:
@@ -122,7 +139,8 @@ def run(config: Config) -> Path:
     atomic_write_json(run_dir / "config.json", {"hash": config_hash(config), "config": config_to_dict(config)})
     started = time.perf_counter()
 
-    _log(1, f"model: {config.model.source} with a {config.model.base_dtype} base, LoRA sanity check")
+    clock = StageClock()
+    clock.start("model", f"{config.model.source} with a {config.model.base_dtype} base, LoRA sanity check")
     loaded = load_run_model(config)
     summary = loaded.summary
     graphdef, lora0, base, tokenizer = loaded.graphdef, loaded.lora0, loaded.base, loaded.tokenizer
@@ -132,7 +150,7 @@ def run(config: Config) -> Path:
           f"LoRA rank {config.lora.rank} on {', '.join(summary['lora_targets'])}: {p['lora_params']:,} parameters; "
           f"sanity {config.sanity_prompt!r} -> {summary['sanity_completion']!r}")
 
-    _log(2, "grouping: projected gradients -> subset estimates -> affinity -> groups (cached stages)")
+    clock.start("grouping", "projected gradients -> subset estimates -> affinity -> groups (cached stages)")
     grouping = grouping_stage(config, model=loaded)
     affinity = json.loads((Path(grouping["affinity_dir"]) / "affinity.json").read_text())
     names = affinity["tasks"]
@@ -140,7 +158,7 @@ def run(config: Config) -> Path:
     groups = [[index[t] for t in group] for group in grouping["groups"]]
     print(f"groups ({grouping['method']}): " + " | ".join(", ".join(g) for g in grouping["groups"]))
 
-    _log(3, "training: one adapter per group, random groups, and one adapter on all tasks")
+    clock.start("training", "one adapter per group, random groups, and one adapter on all tasks")
     tables = suite_tables(config, tokenizer, names)
     plan = {"single": list(range(len(names)))}
     plan.update({f"group-{g}": ids for g, ids in enumerate(groups)})
@@ -152,13 +170,13 @@ def run(config: Config) -> Path:
         plan.update({f"random-{g}": ids for g, ids in enumerate(random_groups)})
     adapters = adapters_for_plan(config, plan, graphdef, lora0, base, tables, names)
 
-    _log(4, f"ensemble: convex weights per task, {config.ensemble.boosting_steps} boosting step(s)")
+    clock.start("ensemble", f"convex weights per task, {config.ensemble.boosting_steps} boosting step(s)")
     bs = config.tasks.batch_size
     val = tables["validation"]
 
     def weighted(prefix: str, count: int) -> tuple[ensemble_maths.Ensemble, np.ndarray]:
         members = stack_trees([adapters[f"{prefix}-{g}"]["lora"] for g in range(count)])
-        logits = stacked_table_logits(graphdef, members, base, val, bs)
+        logits = stacked_table_logits(graphdef, members, base, val, bs, progress=f"validation logits ({prefix} members)")
         alpha = ensemble_maths.prune_weights(ensemble_maths.fit_ensemble_weights(
             logits, val["label"], val["weight"], val["task_index"], len(names),
             per_task=config.ensemble.per_task_weights, solver=config.ensemble.weights_solver),
@@ -181,25 +199,28 @@ def run(config: Config) -> Path:
                                       "steps": total_steps(boosting_training, group_rows), "rows": group_rows,
                                       "tasks": [names[t] for t in groups[g]]}
 
-    _log(5, "evaluation: per-task test accuracy")
+    clock.start("evaluation", "per-task test accuracy")
     test = tables["test"]
-    single = stacked_table_logits(graphdef, stack_trees([adapters["single"]["lora"]]), base, test, bs)[0]
-    zero = stacked_table_logits(graphdef, stack_trees([zeros_like_member(stack_trees([lora0]))]), base, test, bs)[0]
+    single = stacked_table_logits(graphdef, stack_trees([adapters["single"]["lora"]]), base, test, bs,
+                                  progress="test: single adapter")[0]
+    zero = stacked_table_logits(graphdef, stack_trees([zeros_like_member(stack_trees([lora0]))]), base, test, bs,
+                                progress="test: zero-shot")[0]
     per_task = {
         "zero_shot": per_task_accuracy(zero, test, names),
         "single_adapter": per_task_accuracy(single, test, names),
-        "ensemble": per_task_accuracy(ensemble_table_logits(graphdef, grouped, base, test, bs), test, names),
+        "ensemble": per_task_accuracy(ensemble_table_logits(graphdef, grouped, base, test, bs,
+                                                            progress="test: ensemble"), test, names),
     }
     passes = {"ensemble": ensemble_maths.routed_passes(grouped, test["task_index"])}
     if random_groups:
         random_ensemble, _ = weighted("random", len(random_groups))
         per_task["random_groups"] = per_task_accuracy(
-            ensemble_table_logits(graphdef, random_ensemble, base, test, bs), test, names)
+            ensemble_table_logits(graphdef, random_ensemble, base, test, bs, progress="test: random groups"), test, names)
         passes["random_groups"] = ensemble_maths.routed_passes(random_ensemble, test["task_index"])
     average = {method: float(np.mean(list(acc.values()))) for method, acc in per_task.items()}
     flops = compute_flops(config, loaded.architecture, tables, adapters, affinity, passes)
 
-    _log(6, "report: metrics.json, report.md, PNGs, PEFT adapters")
+    clock.start("report", "metrics.json, report.md, PNGs, PEFT adapters")
     for name, adapter in adapters.items():
         export_peft_adapter(nnx.merge(graphdef, adapter["lora"], base), run_dir / "peft" / name,
                             base_model_name_or_path=config.model.source)
@@ -224,6 +245,7 @@ def run(config: Config) -> Path:
                             "max_steps": adapter_training(config.training, num_rows(tables["train"])).max_steps},
         "adapters": {n: {k: v for k, v in a.items() if k != "lora"} for n, a in adapters.items()},
         "test_examples": int(len(test["label"])),
+        "stage_seconds": clock.stop(),  # the report stage up to here: PEFT export (metrics and PNGs follow)
         "wall_seconds": round(time.perf_counter() - started, 1),
         "config_hash": config_hash(config),
     }
@@ -240,6 +262,8 @@ def run(config: Config) -> Path:
         }
     write_report(run_dir, metrics, Path(grouping["heatmap"]).read_bytes(),
                  None if check is None else Path(check["scatter_png"]).read_bytes())
+    print("wall time per stage: " + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in metrics["stage_seconds"].items())
+          + f"; total {metrics['wall_seconds']:.1f} s")
     print("average test accuracy: " + ", ".join(f"{m} {a:.3f}" for m, a in average.items()))
     print(f"ensemble overhead over the single adapter: {flops['ensemble_overhead_percent']:.1f}% FLOPs "
           f"(inference routed to the members each task uses: {passes['ensemble']['routed']:,} adapter passes over "

@@ -48,16 +48,19 @@ def markdown(metrics: Mapping[str, Any]) -> str:
     lines.append("| **average** | " + " | ".join(f"**{average[m]:.3f}**" for m in methods) + " |")
     flops = metrics["flops"]
     lines += ["", "## Compute (analytical FLOPs)", "", "| stage | FLOPs |", "| --- | ---: |"]
-    lines += [f"| {k} | {v:.3e} |" for k, v in flops.items() if isinstance(v, float)]
+    lines += [f"| {k} | {v:.3e} |" for k, v in flops.items() if isinstance(v, float) and not k.endswith("percent")]
     lines += ["", f"Ensemble overhead over the single adapter: **{flops['ensemble_overhead_percent']:.1f}%** "
               "(gradients + solves + group and boosting training + ensemble inference, against single-adapter "
               "training + inference), by stage: " + ", ".join(
-                  f"{stage} {pct:+.1f}%" for stage, pct in flops.get("ensemble_overhead_percent_by_stage", {}).items())
+                  f"{stage} {pct:+.1f}%" for stage, pct in flops["ensemble_overhead_percent_by_stage"].items())
               + ". Ensemble inference runs on each task's rows only the members whose weight for the task is not "
-              f"0: {flops['inference_ensemble']:.3e} FLOPs against {flops.get('inference_ensemble_dense', 0):.3e} "
+              f"0: {flops['inference_ensemble']:.3e} FLOPs against {flops['inference_ensemble_dense']:.3e} "
               "with every member on every row.", "",
-              f"Peak memory: {metrics['peak_memory_bytes']['host_peak_rss'] / 2**20:.0f} MiB host RSS.", "",
-              "![affinity](affinity.png)", "", "![accuracy](accuracy.png)", ""]
+              f"Peak memory: {metrics['peak_memory_bytes']['host_peak_rss'] / 2**20:.0f} MiB host RSS.", ""]
+    lines += ["## Wall time per stage", "", "| stage | seconds |", "| --- | ---: |"]
+    lines += [f"| {stage} | {sec:.1f} |" for stage, sec in metrics["stage_seconds"].items()]
+    lines += [f"| **total** | **{metrics['wall_seconds']:.1f}** |", ""]
+    lines += ["![affinity](affinity.png)", "", "![accuracy](accuracy.png)", ""]
     check = metrics.get("estimate_validation")
     if check:
         speedup = "unknown" if check["speedup"] is None else f"{check['speedup']:.1f}x"

@@ -29,6 +29,10 @@ def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
         accuracies = metrics["per_task_accuracy"][method]
         assert set(accuracies) == set(metrics["tasks"]) and all(0 <= a <= 1 for a in accuracies.values())
     assert metrics["flops"]["ensemble_total"] > 0 and metrics["peak_memory_bytes"]["host_peak_rss"] > 0
+    check_routed_flops(metrics)
+    assert list(metrics["stage_seconds"]) == ["model", "grouping", "training", "ensemble", "evaluation", "report"]
+    assert 0 < sum(metrics["stage_seconds"].values()) <= metrics["wall_seconds"] + 0.5
+    assert "wall time per stage: model " in result.stdout and "## Wall time per stage" in (tmp_path / "report.md").read_text()
     for name in ("affinity.png", "accuracy.png"):
         assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
     peft = json.loads((tmp_path / "peft" / "group-0" / "adapter_config.json").read_text())
@@ -46,6 +50,25 @@ def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
     assert {p: p.read_text() for p in trained} == trained
     assert rerun["estimate_validation"]["subsets"] == 2 and (tmp_path / "estimates.png").is_file()
     assert "![estimates](estimates.png)" in (tmp_path / "report.md").read_text()
+
+
+def check_routed_flops(metrics: dict) -> None:
+    """Routed inference FLOPs = per-row forward FLOPs × Σ over test rows of the calls their task
+    needs (members with α > 0, boosters serving it, the base model when one does); dense =
+    every member, booster and the base on every row. The overhead by stage adds up."""
+    flops, tests = metrics["flops"], metrics["test_examples"]
+    per_row = flops["inference_single_adapter"] / tests
+    alpha = np.asarray(metrics["ensemble_weights"])
+    rows, uneven = divmod(tests, len(metrics["tasks"]))  # the tiny config's tasks have equal test splits
+    assert uneven == 0
+    calls = []
+    for t, task in enumerate(metrics["tasks"]):
+        boosters = sum(task in group for group in metrics["boosted_groups"])
+        calls.append((alpha[t] > 0).sum() + boosters + (boosters > 0))
+    assert flops["inference_ensemble"] == pytest.approx(per_row * rows * sum(calls), rel=1e-9)
+    m, b = alpha.shape[1], metrics["boosting_steps"]
+    assert flops["inference_ensemble_dense"] == pytest.approx(per_row * tests * (m + b + (b > 0)), rel=1e-9)
+    assert sum(flops["ensemble_overhead_percent_by_stage"].values()) == pytest.approx(flops["ensemble_overhead_percent"])
 
 
 def check_estimates(run_dir: Path) -> None:

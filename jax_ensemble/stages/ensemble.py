@@ -22,6 +22,7 @@ docs/method.md §7.
 from __future__ import annotations
 
 import functools
+import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from jax_ensemble.core.batch import MODEL_KEYS, Batch, Table
 from jax_ensemble.core.ensemble import (
@@ -49,7 +51,7 @@ from jax_ensemble.core.ensemble import (
 )
 from jax_ensemble.core.projection import Projector, lift
 from jax_ensemble.core.trees import stack_trees, unstack_tree, zeros_like_member
-from jax_ensemble.data.tables import eval_batches, rows_of
+from jax_ensemble.data.tables import eval_batches, num_rows, rows_of
 from jax_ensemble.errors import ConfigError, DataError
 from jax_ensemble.models.classification import lora_label_logits_fn
 from jax_ensemble.models.lora_gradients import lora_feature_split
@@ -66,11 +68,16 @@ def stacked_label_logits(graphdef: nnx.GraphDef, stacked_lora: Any, base: nnx.St
     return jax.vmap(lora_label_logits_fn(graphdef), in_axes=(0, None, None))(stacked_lora, base, batch)
 
 
-def table_outputs(fn: Callable[[Batch], jax.Array], table: Table, batch_size: int, axis: int = 0) -> np.ndarray:
+def table_outputs(fn: Callable[[Batch], jax.Array], table: Table, batch_size: int, axis: int = 0,
+                  progress: str | None = None) -> np.ndarray:
     """``fn`` over ``table`` in batches of ``batch_size`` rows (:func:`eval_batches`: length
-    ordered), put back in table order along the row axis ``axis`` of its output: N rows."""
+    ordered), put back in table order along the row axis ``axis`` of its output: N rows.
+    ``progress``: a progress bar on stderr with this description (None: none)."""
     chunks, rows = [], []
-    for batch, batch_rows in eval_batches(table, batch_size):
+    batches = eval_batches(table, batch_size)
+    total = -(-num_rows(table) // batch_size)
+    for batch, batch_rows in tqdm(batches, total=total, desc=progress, unit="batch", file=sys.stderr,
+                                  disable=progress is None, leave=False):
         chunks.append(np.asarray(fn(batch)))
         rows.append(batch_rows)
     rows = np.concatenate(rows)
@@ -79,9 +86,10 @@ def table_outputs(fn: Callable[[Batch], jax.Array], table: Table, batch_size: in
 
 
 def stacked_table_logits(graphdef: nnx.GraphDef, stacked_lora: Any, base: nnx.State, table: Table,
-                         batch_size: int) -> np.ndarray:
+                         batch_size: int, progress: str | None = None) -> np.ndarray:
     """(M, N, K) label logits of the stacked adapters over every row of ``table``."""
-    return table_outputs(lambda b: stacked_label_logits(graphdef, stacked_lora, base, b), table, batch_size, axis=1)
+    return table_outputs(lambda b: stacked_label_logits(graphdef, stacked_lora, base, b), table, batch_size, axis=1,
+                         progress=progress)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -101,12 +109,12 @@ def ensemble_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State,
 
 
 def ensemble_table_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, table: Table,
-                          batch_size: int) -> np.ndarray:
+                          batch_size: int, progress: str | None = None) -> np.ndarray:
     """(N, K) ensemble logits over every row of ``table`` (needs ``task_index``), routed: the
     tasks that need the same members and boosters (:func:`active_calls`) are evaluated
     together by the :func:`restrict`-ed ensemble, so a member with α[t, m] = 0 never runs on
     task t's rows (:func:`routed_passes` counts the passes saved). Equal to
-    :func:`ensemble_logits` over the whole table."""
+    :func:`ensemble_logits` over the whole table. ``progress``: as :func:`table_outputs`."""
     task_index = np.asarray(table["task_index"])
     calls = active_calls(ensemble)
     out: np.ndarray | None = None
@@ -115,7 +123,7 @@ def ensemble_table_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.
         rows = np.isin(task_index, tasks)
         part = restrict(ensemble, pattern)
         logits = table_outputs(lambda b, part=part: ensemble_logits(graphdef, part, base, b),
-                               rows_of(table, tasks), batch_size)
+                               rows_of(table, tasks), batch_size, progress=progress)
         if out is None:
             out = np.empty((len(task_index), *logits.shape[1:]), logits.dtype)
         out[rows] = logits
