@@ -120,9 +120,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 def _cmd_gradients(args: argparse.Namespace) -> int:
     from jax_ensemble.config import load_config
     from jax_ensemble.stages.gradients import gradient_stage
+    from jax_ensemble.storage.atomic import read_verified_json
 
     directory = gradient_stage(load_config(args.config, args.overrides))
-    manifest = json.loads((directory / "manifest.json").read_text())
+    manifest = read_verified_json(directory / "manifest.json")
     if args.json:
         print(json.dumps({"directory": str(directory), **manifest}))
         return 0
@@ -137,10 +138,10 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
     from jax_ensemble.config import load_config
-    from jax_ensemble.stages.grouping import affinity_stage
+    from jax_ensemble.stages.grouping import affinity_stage, load_affinity
 
     directory = affinity_stage(load_config(args.config, args.overrides))
-    stage = json.loads((directory / "affinity.json").read_text())
+    stage = load_affinity(directory)
     if args.json:
         print(json.dumps({"directory": str(directory), **stage}))
         return 0

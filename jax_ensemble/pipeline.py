@@ -21,7 +21,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -44,7 +43,7 @@ from jax_ensemble.stages import accounting
 from jax_ensemble.stages.adapters import adapter_fingerprint, adapters_for_plan, suite_tables
 from jax_ensemble.stages.ensemble import boost_trained, ensemble_table_logits, stacked_table_logits
 from jax_ensemble.stages.estimate_validation import find_validation
-from jax_ensemble.stages.grouping import grouping_stage
+from jax_ensemble.stages.grouping import grouping_stage, load_affinity
 from jax_ensemble.stages.model import load_run_model
 from jax_ensemble.storage.atomic import atomic_write_json
 from jax_ensemble.training.engine import adapter_training, total_steps
@@ -152,7 +151,7 @@ def run(config: Config) -> Path:
 
     clock.start("grouping", "projected gradients -> subset estimates -> affinity -> groups (cached stages)")
     grouping = grouping_stage(config, model=loaded)
-    affinity = json.loads((Path(grouping["affinity_dir"]) / "affinity.json").read_text())
+    affinity = load_affinity(grouping["affinity_dir"])
     names = affinity["tasks"]
     index = {name: i for i, name in enumerate(names)}
     groups = [[index[t] for t in group] for group in grouping["groups"]]

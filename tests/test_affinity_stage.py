@@ -19,8 +19,9 @@ from test_gradient_stage import write_suite
 from jax_ensemble.cli import main
 from jax_ensemble.config import config_from_dict, config_to_dict
 from jax_ensemble.core import solvers
+from jax_ensemble.errors import CheckpointError
 from jax_ensemble.stages.gradients import SplitGradients, load_gradients
-from jax_ensemble.stages.grouping import affinity_stage, stack_tasks
+from jax_ensemble.stages.grouping import affinity_stage, load_affinity, stack_tasks
 
 
 def test_stacking_mixed_tasks_keeps_losses_and_predictions():
@@ -174,5 +175,17 @@ def test_estimate_and_cluster_cli(stage_config, tmp_path, capsys):
     (directory / "affinity.json").unlink()  # recomputed from the cached gradients: same result
     assert json.loads((affinity_stage(stage_config) / "affinity.json").read_text())["affinity"] == stage["affinity"]
     np.testing.assert_array_equal(np.load(directory / "estimates.npz")["params"], estimates["params"])
+    capsys.readouterr()
+    text = (directory / "affinity.json").read_text()  # truncated, then altered estimates: recomputed with a warning
+    for name, damage in (("affinity.json", lambda p: p.write_text(text[: len(text) // 2])),
+                         ("estimates.npz", lambda p: p.write_bytes(p.read_bytes()[:-9] + b"corrupted"))):
+        damage(directory / name)
+        assert main(["cluster", "--config", str(config_file), "--json", "clustering.method=each"]) == 0
+        captured = capsys.readouterr()
+        assert json.loads(captured.out)["groups"] == grouping["groups"]
+        assert f"{directory / name} is corrupt" in captured.err and "Traceback" not in captured.err
+        assert json.loads((directory / "affinity.json").read_text())["affinity"] == stage["affinity"]
+    with pytest.raises(CheckpointError, match="no verified affinity.json"):
+        load_affinity(directory.parent / "missing")
     assert main(["cluster", "--config", str(config_file), "clustering.num_groups=5"]) == 2
     assert "num_groups must be in [1, 4]" in capsys.readouterr().err

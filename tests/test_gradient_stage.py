@@ -18,7 +18,7 @@ from jax_ensemble.config import config_from_dict
 from jax_ensemble.core.projection import lift, make_projector
 from jax_ensemble.data import load_suite, tokenize_split
 from jax_ensemble.data.tables import eval_batches, table_of_splits
-from jax_ensemble.errors import ConfigError, DataError, NumericalError
+from jax_ensemble.errors import CheckpointError, ConfigError, DataError, NumericalError
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import apply_lora, split_lora
 from jax_ensemble.models.lora_gradients import lora_feature_split, lora_output_fn
@@ -107,6 +107,13 @@ def test_resume_is_byte_identical(stage_config, stage_dir):
     assert {p: p.read_bytes() for p in shards} == before
     assert shards[0].stat().st_mtime_ns == untouched  # finished shards are skipped
     assert json.loads((stage_dir / "manifest.json").read_text())["timing"]["timed_shards"] == 2
+    manifest = (stage_dir / "manifest.json").read_text()
+    (stage_dir / "manifest.json").write_text(manifest[:100])  # truncated: not trusted, rewritten by the stage
+    with pytest.raises(CheckpointError, match="no verified manifest.json"):
+        load_gradients(stage_dir)
+    assert gradient_stage(stage_config, progress=False) == stage_dir
+    assert json.loads((stage_dir / "manifest.json").read_text())["tasks"] == json.loads(manifest)["tasks"]
+    assert {p: p.read_bytes() for p in shards} == before
 
 
 def test_bad_input_is_one_clear_error(stage_config, tmp_path, capsys):

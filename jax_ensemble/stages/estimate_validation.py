@@ -30,7 +30,6 @@ recipe. Results go to ``<run_dir>/validate-estimates/<digest>/``: ``validation.j
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -49,9 +48,9 @@ from jax_ensemble.models.lora_gradients import lora_feature_split
 from jax_ensemble.stages.adapters import adapters_for_plan, suite_tables
 from jax_ensemble.stages.ensemble import lifted_adapter, stacked_table_logits
 from jax_ensemble.stages.gradients import load_gradients, stage_projector
-from jax_ensemble.stages.grouping import affinity_stage, estimate_stacked, stack_tasks
+from jax_ensemble.stages.grouping import affinity_stage, estimate_stacked, load_affinity, load_estimates, stack_tasks
 from jax_ensemble.stages.model import load_run_model
-from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
+from jax_ensemble.storage.atomic import atomic_write_bytes, read_verified_json, write_verified_json
 from jax_ensemble.storage.digests import stage_dir
 
 log = logging.getLogger(__name__)
@@ -174,8 +173,8 @@ def find_validation(config: Config, affinity_directory: Path) -> dict[str, Any] 
     settings with the most subsets, or None."""
     found = []
     for path in sorted((config.resolved_run_dir() / "validate-estimates").glob("*/validation.json")):
-        summary = json.loads(path.read_text())
-        if path.parent == output_dir(config, affinity_directory, len(summary["subsets"])):
+        summary = read_verified_json(path)
+        if summary is not None and path.parent == output_dir(config, affinity_directory, len(summary["subsets"])):
             found.append(summary)
     return max(found, key=lambda s: len(s["subsets"]), default=None)
 
@@ -188,12 +187,12 @@ def validate_estimates(config: Config, num_subsets: int, *, progress: bool = Tru
         raise ConfigError(f"--subsets must be between 1 and {total} (affinity.num_subsets), got {num_subsets}")
     loaded = load_run_model(config, sanity_check=False)
     aff_dir = affinity_stage(config, progress=progress, model=loaded)
-    stage = json.loads((aff_dir / "affinity.json").read_text())
+    stage = load_affinity(aff_dir)
     names: list[str] = stage["tasks"]
     out_dir = output_dir(config, aff_dir, num_subsets)
-    if (out_dir / "validation.json").is_file():
-        return json.loads((out_dir / "validation.json").read_text())
-    estimates = np.load(aff_dir / "estimates.npz")
+    if (done := read_verified_json(out_dir / "validation.json")) is not None:
+        return done
+    estimates = load_estimates(aff_dir)
     subsets = [np.flatnonzero(row).tolist() for row in estimates["subsets"][:num_subsets]]
 
     graphdef, lora0, base = loaded.graphdef, loaded.lora0, loaded.base
@@ -225,7 +224,7 @@ def validate_estimates(config: Config, num_subsets: int, *, progress: bool = Tru
                 "base": dict(zip(("loss", "accuracy"), scores[2][t])),
             })
     errors = summarize(pairs)
-    manifest = json.loads((Path(stage["gradients"]) / "manifest.json").read_text())
+    manifest = read_verified_json(Path(stage["gradients"]) / "manifest.json") or {}
     times = timing(manifest.get("timing"), stage["estimate_seconds"], [adapters[n]["seconds"] for n in plan], total)
     log.info("[validate-estimates] re-solving the linear estimates over a grid of affinity.l2")
     sweep = l2_sweep(config, stage["gradients"], estimates["subsets"][:num_subsets], pairs, names)
@@ -246,7 +245,7 @@ def validate_estimates(config: Config, num_subsets: int, *, progress: bool = Tru
         "scatter_png": str(out_dir / "scatter.png"),
     }
     atomic_write_bytes(out_dir / "scatter.png", scatter_png(pairs))
-    atomic_write_json(out_dir / "validation.json", summary)
+    write_verified_json(out_dir / "validation.json", summary)
     return summary
 
 

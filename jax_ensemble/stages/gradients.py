@@ -6,7 +6,8 @@ Layout under ``<run_dir>/gradients/<digest of the settings>/``: one safetensors 
 ``grads`` (n, d) or (n, K, d), ``f0`` (n,) or (n, K), ``label`` (n,), ``example`` (n,)
 split indices), each followed by ``<shard>.sha256``; ``manifest.json`` (model, LoRA config,
 projector, feature space, strategy, dtype, shard list with checksums, and ``timing``: the
-wall seconds of the call that computed ``timed_shards`` of the ``shards``) is written last.
+wall seconds of the call that computed ``timed_shards`` of the ``shards``) is written last,
+with its own ``manifest.json.sha256`` (:func:`jax_ensemble.storage.atomic.write_verified`).
 A rerun skips every shard whose checksum file matches, so a killed run resumes and a
 corrupt shard is recomputed; the same settings give byte-identical shards.
 """
@@ -14,7 +15,6 @@ corrupt shard is recomputed; the same settings give byte-identical shards.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,7 +33,7 @@ from jax_ensemble.data.tables import eval_batch_count, eval_batches, table_of_sp
 from jax_ensemble.errors import CheckpointError, DataError, NumericalError
 from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata, lora_feature_split, lora_output_fn
 from jax_ensemble.stages.model import RunModel, load_run_model
-from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
+from jax_ensemble.storage.atomic import marker_path, read_verified, read_verified_json, write_verified, write_verified_json
 from jax_ensemble.storage.digests import sha256_hex, stage_dir
 
 GRADIENT_SPLITS = ("train", "validation")
@@ -73,12 +73,6 @@ def stage_projector(config: Config, features: Any) -> Projector:
 def gradients_dir(config: Config) -> Path:
     """``<run_dir>/gradients/<digest of gradient_settings>``."""
     return stage_dir(config.resolved_run_dir(), "gradients", gradient_settings(config))
-
-
-def _shard_done(path: Path) -> bool:
-    """The shard exists and matches the checksum written after it."""
-    check = path.with_name(path.name + ".sha256")
-    return path.is_file() and check.is_file() and check.read_text().strip() == sha256_hex(path.read_bytes())
 
 
 def _check_finite(grads: np.ndarray, f0: np.ndarray, task: str, split: str, examples: np.ndarray) -> None:
@@ -131,7 +125,7 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     def shard_path(task_name: str, split: str, i: int) -> Path:
         return out_dir / task_name / f"{split}-{i:05d}.safetensors"
 
-    todo = [p for p in plan if not _shard_done(shard_path(p[0].name, p[1], p[3]))]
+    todo = [p for p in plan if read_verified(shard_path(p[0].name, p[1], p[3])) is None]
     sub_splits = {id(p): dataclasses.replace(
         p[2], prompts=tuple(p[2].prompts[j] for j in p[4]), labels=p[2].labels[p[4]]) for p in todo}
     tables = {id(p): table_of_splits([sub_splits[id(p)]], pad_id=tokenizer.pad_id, max_length=max_length) for p in todo}
@@ -164,15 +158,13 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
             bar.update(1)
         _check_finite(grads, f0, task.name, split, rows)
         data = _shard_bytes(grads, f0, sub.labels.astype(np.int32), rows)
-        path = shard_path(task.name, split, i)
-        atomic_write_bytes(path, data)
-        atomic_write_bytes(path.with_name(path.name + ".sha256"), (sha256_hex(data) + "\n").encode())
+        write_verified(shard_path(task.name, split, i), data)
     bar.close()
 
     timing = {"seconds": round(time.perf_counter() - started, 2), "timed_shards": len(todo), "shards": len(plan)}
-    previous = out_dir / "manifest.json"
-    if not todo and previous.is_file():
-        timing = json.loads(previous.read_text()).get("timing", timing)
+    previous = read_verified_json(out_dir / "manifest.json")
+    if not todo and previous is not None:
+        timing = previous.get("timing", timing)
     manifest = {
         "format": "jax-ensemble-gradients-v1",
         "timing": timing,
@@ -189,8 +181,7 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
                 "splits": {
                     split: [
                         {"file": str(shard_path(task.name, split, i).relative_to(out_dir)), "examples": len(rows),
-                         "sha256": shard_path(task.name, split, i).with_name(
-                             shard_path(task.name, split, i).name + ".sha256").read_text().strip()}
+                         "sha256": marker_path(shard_path(task.name, split, i)).read_text().strip()}
                         for (t2, s2, _, i, rows) in plan if t2 is task and s2 == split
                     ]
                     for split in GRADIENT_SPLITS
@@ -199,7 +190,7 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
             for task in tasks
         ],
     }
-    atomic_write_json(out_dir / "manifest.json", manifest)
+    write_verified_json(out_dir / "manifest.json", manifest)
     return out_dir
 
 
@@ -207,10 +198,10 @@ def load_gradients(directory: str | Path) -> dict[str, dict[str, SplitGradients]
     """``{task: {split: SplitGradients}}`` from a finished stage directory, verifying every
     shard's checksum (CheckpointError names the shard to delete or recompute)."""
     directory = Path(directory)
-    manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        raise CheckpointError(f"{directory} has no manifest.json: run `jax-ensemble gradients` to finish the stage")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_verified_json(directory / "manifest.json")
+    if manifest is None:
+        raise CheckpointError(f"{directory} has no verified manifest.json: run `jax-ensemble gradients` to finish "
+                              "the stage")
     result: dict[str, dict[str, SplitGradients]] = {}
     for task in manifest["tasks"]:
         result[task["name"]] = {}

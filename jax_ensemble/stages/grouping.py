@@ -6,8 +6,9 @@ subsets, solves them in one program and writes, under
 ``<run_dir>/affinity/<digest of the gradient directory and the affinity settings>/``,
 ``estimates.npz`` (subsets, per-(subset, task) loss and accuracy, the regressions'
 parameters and convergence report) and then ``affinity.json`` (task names, subsets by
-name, the affinity matrix, timings, convergence summary), both atomically; a finished
-stage (``affinity.json`` present) is reused.
+name, the affinity matrix, timings, convergence summary), both atomically and each with
+its sha256 marker; a finished stage (both files matching their markers) is reused, a
+corrupt one computed again (:func:`load_affinity`, :func:`load_estimates` read them).
 
 ``grouping_stage(config)`` clusters that matrix (:func:`jax_ensemble.core.clustering.cluster`)
 and writes ``grouping.json`` and ``affinity.png`` (the matrix ordered by group) under
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -29,11 +29,19 @@ import numpy as np
 
 from jax_ensemble.config import Config
 from jax_ensemble.core import affinity, clustering, solvers
+from jax_ensemble.errors import CheckpointError
 from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.models.classification import NO_CHOICE_LOGIT
 from jax_ensemble.stages.gradients import SplitGradients, gradient_stage, load_gradients
 from jax_ensemble.stages.model import RunModel
-from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
+from jax_ensemble.storage.atomic import (
+    atomic_write_bytes,
+    atomic_write_json,
+    read_verified,
+    read_verified_json,
+    write_verified,
+    write_verified_json,
+)
 from jax_ensemble.storage.digests import stage_dir
 
 SPLITS = ("train", "validation")
@@ -118,7 +126,7 @@ def affinity_stage(config: Config, *, progress: bool = True, model: RunModel | N
     """Subsets → one vmapped solve → estimates → affinity matrix; returns the stage directory."""
     grad_dir = gradient_stage(config, progress=progress, model=model)
     out_dir = affinity_dir(config, grad_dir)
-    if (out_dir / "affinity.json").is_file():
+    if read_verified(out_dir / "estimates.npz") is not None and read_verified_json(out_dir / "affinity.json"):
         return out_dir
     ac = config.affinity
     data = stack_tasks(load_gradients(grad_dir))
@@ -132,11 +140,11 @@ def affinity_stage(config: Config, *, progress: bool = True, model: RunModel | N
     scores = -est.loss if ac.metric == "loss" else est.accuracy
     matrix = affinity.affinity_matrix(scores, subsets)
     sol = est.solution
-    atomic_write_bytes(out_dir / "estimates.npz", _npz_bytes(
+    write_verified(out_dir / "estimates.npz", _npz_bytes(
         subsets=subsets, loss=est.loss, accuracy=est.accuracy, params=sol.params, objective=sol.objective,
         grad_norm=sol.grad_norm, iterations=sol.iterations, converged=sol.converged,
     ))
-    atomic_write_json(out_dir / "affinity.json", {
+    write_verified_json(out_dir / "affinity.json", {
         "tasks": list(data.names),
         "metric": ac.metric,
         "affinity": matrix.tolist(),
@@ -155,10 +163,27 @@ def affinity_stage(config: Config, *, progress: bool = True, model: RunModel | N
     return out_dir
 
 
+def load_affinity(directory: str | Path) -> dict[str, Any]:
+    """``affinity.json`` of a finished affinity stage (CheckpointError if missing or corrupt)."""
+    stage = read_verified_json(Path(directory) / "affinity.json")
+    if stage is None:
+        raise CheckpointError(f"{directory} has no verified affinity.json: run `jax-ensemble estimate` to compute it")
+    return stage
+
+
+def load_estimates(directory: str | Path) -> dict[str, np.ndarray]:
+    """The arrays of ``estimates.npz`` of a finished affinity stage (CheckpointError if
+    missing or corrupt)."""
+    data = read_verified(Path(directory) / "estimates.npz")
+    if data is None:
+        raise CheckpointError(f"{directory} has no verified estimates.npz: run `jax-ensemble estimate` to compute it")
+    return dict(np.load(io.BytesIO(data)))
+
+
 def grouping_stage(config: Config, *, progress: bool = True, model: RunModel | None = None) -> dict[str, Any]:
     """Cluster the affinity matrix; writes grouping.json and affinity.png; returns the summary."""
     aff_dir = affinity_stage(config, progress=progress, model=model)
-    stage = json.loads((aff_dir / "affinity.json").read_text())
+    stage = load_affinity(aff_dir)
     names, matrix = stage["tasks"], np.array(stage["affinity"])
     cc = config.clustering
     grouping = clustering.cluster(matrix, method=cc.method, num_groups=cc.num_groups, solver=cc.solver,
