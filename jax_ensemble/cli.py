@@ -20,12 +20,19 @@ from typing import Callable, Sequence
 from jax_ensemble.errors import ConfigError, JaxEnsembleError
 
 
+def _check_count(option: str, value: int) -> None:
+    """ConfigError unless a CLI count is at least 1 (checked before anything loads)."""
+    if value < 1:
+        raise ConfigError(f"{option} must be >= 1, got {value}")
+
+
 def _cmd_generate(args: argparse.Namespace) -> int:
     from jax_ensemble.config import ModelConfig
     from jax_ensemble.models.generate import greedy_generate
     from jax_ensemble.models.loading import load_pretrained
 
     ModelConfig(source=args.model, base_dtype=args.base_dtype)
+    _check_count("--max-new-tokens", args.max_new_tokens)
     model, tokenizer = load_pretrained(args.model, base_dtype=args.base_dtype)
     out = greedy_generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens)
     if args.json:
@@ -36,11 +43,20 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _job_config(args: argparse.Namespace):
+    """The command's config, after the checks that need no compute (run directory, sizes)."""
     from jax_ensemble.config import load_config
+    from jax_ensemble.stages.preflight import check_before_compute
+
+    config = load_config(args.config, args.overrides)
+    check_before_compute(config)
+    return config
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     from jax_ensemble.pipeline import run
 
-    run(load_config(args.config, args.overrides))
+    run(_job_config(args))
     return 0
 
 
@@ -73,6 +89,7 @@ def _cmd_data_list(args: argparse.Namespace) -> int:
 def _cmd_data_show(args: argparse.Namespace) -> int:
     from jax_ensemble.data import load_task, render_prompt
 
+    _check_count("-n", args.n)
     config = _tasks_config(args)
     task = load_task(args.task, config.tasks)
     data = task.split(args.split)
@@ -118,11 +135,10 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def _cmd_gradients(args: argparse.Namespace) -> int:
-    from jax_ensemble.config import load_config
     from jax_ensemble.stages.gradients import gradient_stage
     from jax_ensemble.storage.atomic import read_verified_json
 
-    directory = gradient_stage(load_config(args.config, args.overrides))
+    directory = gradient_stage(_job_config(args))
     manifest = read_verified_json(directory / "manifest.json")
     if args.json:
         print(json.dumps({"directory": str(directory), **manifest}))
@@ -137,10 +153,9 @@ def _cmd_gradients(args: argparse.Namespace) -> int:
 
 
 def _cmd_estimate(args: argparse.Namespace) -> int:
-    from jax_ensemble.config import load_config
     from jax_ensemble.stages.grouping import affinity_stage, load_affinity
 
-    directory = affinity_stage(load_config(args.config, args.overrides))
+    directory = affinity_stage(_job_config(args))
     stage = load_affinity(directory)
     if args.json:
         print(json.dumps({"directory": str(directory), **stage}))
@@ -154,10 +169,9 @@ def _cmd_estimate(args: argparse.Namespace) -> int:
 
 
 def _cmd_cluster(args: argparse.Namespace) -> int:
-    from jax_ensemble.config import load_config
     from jax_ensemble.stages.grouping import grouping_stage
 
-    summary = grouping_stage(load_config(args.config, args.overrides))
+    summary = grouping_stage(_job_config(args))
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -172,10 +186,9 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate_estimates(args: argparse.Namespace) -> int:
-    from jax_ensemble.config import load_config
     from jax_ensemble.stages.estimate_validation import PREDICTORS, validate_estimates
 
-    summary = validate_estimates(load_config(args.config, args.overrides), args.subsets)
+    summary = validate_estimates(_job_config(args), args.subsets)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -210,9 +223,12 @@ def _cmd_validate_estimates(args: argparse.Namespace) -> int:
 
 
 def _cmd_uq(args: argparse.Namespace) -> int:
+    from jax_ensemble.stages.preflight import check_run_dir
     from jax_ensemble.stages.uq import run_uq
 
-    summary = run_uq(_tasks_config(args))
+    config = _tasks_config(args)
+    check_run_dir(config)
+    summary = run_uq(config)
     if args.json:
         print(json.dumps(summary))
         return 0
@@ -227,10 +243,9 @@ def _cmd_uq(args: argparse.Namespace) -> int:
 
 
 def _cmd_linearization_error(args: argparse.Namespace) -> int:
-    from jax_ensemble.config import load_config
     from jax_ensemble.stages.linearization_study import format_table, run_study, study_outputs
 
-    config = load_config(args.config, args.overrides)
+    config = _job_config(args)
     result = run_study(config)
     json_path, png_path = study_outputs(config, result)
     if args.json:
@@ -242,10 +257,9 @@ def _cmd_linearization_error(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from jax_ensemble.config import load_config
     from jax_ensemble.stages.train_tasks import adapter_on_tasks
 
-    config = load_config(args.config, args.overrides)
+    config = _job_config(args)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else None
     out = args.out or config.resolved_run_dir() / "train"
     summary = adapter_on_tasks(config, tasks, out)

@@ -31,7 +31,7 @@ from jax_ensemble.core.linearize import STRATEGIES
 from jax_ensemble.core.projection import PROJECTION_KINDS
 from jax_ensemble.core.solvers import METHODS as SOLVER_METHODS
 from jax_ensemble.data.suites import TasksConfig
-from jax_ensemble.errors import ConfigError, check_choice
+from jax_ensemble.errors import ConfigError, check_choice, parse_error_location
 from jax_ensemble.models.layers import BASE_DTYPES, COMPUTE_DTYPES
 from jax_ensemble.models.lora import LoRAConfig
 from jax_ensemble.storage.digests import digest
@@ -379,7 +379,7 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {parse_error_location(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"config file {str(path)!r} must hold a mapping at the top level")
         data.setdefault("name", path.stem)

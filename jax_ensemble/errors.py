@@ -42,3 +42,15 @@ def check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     """ConfigError naming ``key`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def parse_error_location(error: Exception) -> str:
+    """Where and why a YAML or JSON parser failed, 1-based: ``line L, column C: problem``
+    (PyYAML's ``problem_mark``/``problem``, :class:`json.JSONDecodeError`'s ``lineno``/
+    ``colno``/``msg``), else the error's first line."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(error, 'problem', None) or 'syntax error'}"
+    if hasattr(error, "lineno") and hasattr(error, "colno"):
+        return f"line {error.lineno}, column {error.colno}: {getattr(error, 'msg', error)}"
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]

@@ -187,5 +187,9 @@ def test_estimate_and_cluster_cli(stage_config, tmp_path, capsys):
         assert json.loads((directory / "affinity.json").read_text())["affinity"] == stage["affinity"]
     with pytest.raises(CheckpointError, match="no verified affinity.json"):
         load_affinity(directory.parent / "missing")
+    assert main(["estimate", "--config", str(config_file), "--json", "affinity.num_subsets=50"]) == 0
+    captured = capsys.readouterr()  # more subsets than exist: all of them, said in one line
+    assert sorted(map(sorted, json.loads(captured.out)["subsets"])) == sorted(map(sorted, stage["subsets"]))
+    assert "affinity.num_subsets = 50 is more than the 6 distinct subsets of 2 of 4 tasks: using all 6" in captured.err
     assert main(["cluster", "--config", str(config_file), "clustering.num_groups=5"]) == 2
     assert "num_groups must be in [1, 4]" in capsys.readouterr().err

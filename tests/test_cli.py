@@ -89,3 +89,15 @@ def test_log_records_go_to_stderr_above_the_chosen_level(capsys):
     assert captured.out == ""
     assert captured.err.splitlines() == ["a warning record", "another info record"]
     assert cli("--log-level", "loud", "data", "list").returncode == 2  # usage error
+
+
+def test_unusable_run_dir_and_too_many_groups_fail_before_any_compute(tmp_path):
+    """Checked before the model loads: a run_dir under a regular file, and more groups than
+    the suite has tasks (each used to fail only after the gradient stage had run)."""
+    (tmp_path / "afile").write_text("x")
+    for command in ("run", "gradients", "estimate", "cluster", "train"):
+        result = cli(command, "--config", "tiny", f"run_dir={tmp_path / 'afile' / 'run'}", timeout=120)
+        assert_one_line_error(result, f"run_dir '{tmp_path / 'afile' / 'run'}' cannot be used: Not a directory")
+    result = cli("run", "--config", "tiny", f"run_dir={tmp_path / 'run'}", "clustering.num_groups=11", timeout=120)
+    assert_one_line_error(result, "clustering.num_groups must be in [1, 10] for the 10 tasks of 'offline10'")
+    assert not (tmp_path / "run" / "gradients").exists()

@@ -47,6 +47,7 @@ from jax_ensemble.stages.ensemble import (
     stacked_label_logits,
     stacked_table_logits,
     table_features,
+    table_outputs,
 )
 from jax_ensemble.stages.gradients import SplitGradients
 from jax_ensemble.stages.uq import member_logits_fn
@@ -312,3 +313,14 @@ def test_closed_form_boosting_lowers_the_training_loss_of_a_weak_ensemble():
     moved, predicted = network - before, linear - before
     moved, predicted = moved - moved.mean(1, keepdims=True), predicted - predicted.mean(1, keepdims=True)
     assert np.sum(moved * predicted) / (np.linalg.norm(moved) * np.linalg.norm(predicted)) > 0.7
+
+
+def test_table_outputs_in_table_order_and_no_progress_bar_off_a_terminal(capsys):
+    """Batches run in length order and come back in table order; the progress bar is drawn on
+    a terminal only, so a log file (here a captured, non-terminal stderr) gets no \\r updates."""
+    table = two_task_table(11, seed=6)
+    table["attention_mask"][::3, 5:] = 0  # uneven lengths: eval_batches reorders the rows
+    out = table_outputs(lambda b: jnp.asarray(b["label"]) * 10 + jnp.asarray(b["task_index"]), table, 4,
+                        progress="test rows")
+    np.testing.assert_array_equal(out, table["label"] * 10 + table["task_index"])
+    assert capsys.readouterr().err == ""

@@ -14,12 +14,12 @@ import pytest
 import yaml
 
 from jax_ensemble.cli import main
-from jax_ensemble.config import TasksConfig
+from jax_ensemble.config import TasksConfig, load_config
 from jax_ensemble.data import SUITES, load_suite, load_task, render_prompt
 from jax_ensemble.data.batching import bucket_lengths, label_token_ids, tokenize_split
 from jax_ensemble.data.splits import scaled_sizes, split_indices, stratified_order
 from jax_ensemble.data.tables import eval_batches, table_of_splits
-from jax_ensemble.errors import DataError
+from jax_ensemble.errors import ConfigError, DataError
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -212,12 +212,33 @@ def test_bad_task_specs_are_one_line_data_errors(tmp_path, rows, overrides, mess
 
 
 def test_empty_data_and_empty_split(tmp_path):
-    (tmp_path / "empty.jsonl").write_text("")
-    with pytest.raises(DataError, match="empty|cannot be read"):
+    (tmp_path / "empty.jsonl").write_text("\n  \n")
+    with pytest.raises(DataError, match=f"data file {tmp_path / 'empty.jsonl'} is empty$"):
         load_task(str(write_spec(tmp_path, data="empty.jsonl")), SMALL)
     rows = [{"text": f"t{i}", "stars": [1, 5][i % 2]} for i in range(4)]
     with pytest.raises(DataError, match="split is empty"):
         load_task(str(write_spec(tmp_path, rows)), TasksConfig(train_size=100, validation_size=1, test_size=1))
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('{"text": "a", "stars": 1}\n\n{"text": "b", "stars": 5\n', "line 3: not valid JSON (Expecting ',' delimiter, column 25)"),
+    ('{"text": "a", "stars": 1}\n[1, 5]\n', "line 2: each line must be a JSON object, got list"),
+])
+def test_malformed_jsonl_names_the_file_and_line(tmp_path, text, message):
+    (tmp_path / "rows.jsonl").write_text(text)
+    with pytest.raises(DataError) as err:
+        load_task(str(write_spec(tmp_path, data="rows.jsonl")), SMALL)
+    assert str(err.value) == f"data file {tmp_path / 'rows.jsonl'}, {message}"
+
+
+def test_yaml_errors_keep_line_and_column(tmp_path):
+    bad = tmp_path / "spec.yaml"
+    bad.write_text("name: t\ntemplate: '{text}\n")
+    with pytest.raises(DataError, match=r"is not valid YAML: line 3, column 1: found unexpected end of stream"):
+        load_task(str(bad), SMALL)
+    (tmp_path / "config.yaml").write_text("name: x\nseed: [1\n")
+    with pytest.raises(ConfigError, match=r"is not valid YAML: line 3, column 1: expected ',' or '\]'"):
+        load_config(tmp_path / "config.yaml")
 
 
 def test_unknown_task_and_suite():
@@ -228,7 +249,9 @@ def test_unknown_task_and_suite():
 
 
 @pytest.mark.parametrize("argv", [["data", "show", "no_such_task"], ["data", "list", "--suite", "nope"],
-                                  ["data", "list", "tasks.train_size=0"], ["evaluate"]])
+                                  ["data", "list", "tasks.train_size=0"], ["evaluate"],
+                                  ["data", "show", "rt_polarity", "-n", "-5"],
+                                  ["generate", "--model", "smollm2-135m", "--max-new-tokens", "0", "hi"]])
 def test_cli_bad_input_exits_2_with_one_line(argv, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err.strip()

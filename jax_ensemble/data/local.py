@@ -27,7 +27,7 @@ import datasets
 import yaml
 
 from jax_ensemble.data.task import TaskSpec
-from jax_ensemble.errors import DataError
+from jax_ensemble.errors import DataError, parse_error_location
 from jax_ensemble.storage.digests import sha256_file
 from jax_ensemble.storage.packages import cache_dir
 
@@ -46,6 +46,10 @@ def load_files(files: Mapping[str, Path]) -> dict[str, datasets.Dataset]:
             raise DataError(f"data file {path} must end in {', '.join(_BUILDERS)}")
         if not path.is_file():
             raise DataError(f"data file {path} does not exist")
+        if not path.read_bytes().strip():
+            raise DataError(f"data file {path} is empty")
+        if builder == "json":
+            _check_json_rows(path)
         try:
             out[pool] = datasets.load_dataset(
                 builder, data_files=str(path), split="train", cache_dir=str(cache_dir() / "datasets")
@@ -56,6 +60,29 @@ def load_files(files: Mapping[str, Path]) -> dict[str, datasets.Dataset]:
     return out
 
 
+def _check_json_rows(path: Path) -> None:
+    """DataError naming the file and the 1-based line of the first row that is not a JSON
+    object (a .json file may also be one JSON array)."""
+    text = path.read_text()
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        whole = None
+    if isinstance(whole, (list, dict)):
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise DataError(f"data file {path}, line {number}: not valid JSON ({getattr(e, 'msg', e)}, "
+                            f"column {getattr(e, 'colno', '?')})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"data file {path}, line {number}: each line must be a JSON object, got "
+                            f"{type(row).__name__}")
+
+
 def read_spec_file(path: Path) -> dict[str, Any]:
     """The mapping in a YAML/JSON spec file (DataError if unreadable or not a mapping)."""
     if not path.is_file():
@@ -63,7 +90,7 @@ def read_spec_file(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
     except (ValueError, yaml.YAMLError) as e:
-        raise DataError(f"{path} is not valid {path.suffix[1:].upper()}: {str(e).splitlines()[0]}") from None
+        raise DataError(f"{path} is not valid {path.suffix[1:].upper()}: {parse_error_location(e)}") from None
     if not isinstance(data, dict):
         raise DataError(f"{path} must hold a mapping at the top level")
     return data

@@ -42,7 +42,7 @@ def greedy_generate(model: LlamaForCausalLM, tokenizer: Tokenizer, prompt: str, 
     The sequence buffer is padded to a multiple of 16 so prompts of similar length reuse
     one compiled program; the causal mask keeps the padding invisible."""
     if max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     prompt_ids = tokenizer.encode(prompt)
     if not prompt_ids:
         raise ConfigError("the prompt is empty")

@@ -77,7 +77,7 @@ def table_outputs(fn: Callable[[Batch], jax.Array], table: Table, batch_size: in
     batches = eval_batches(table, batch_size)
     total = -(-num_rows(table) // batch_size)
     for batch, batch_rows in tqdm(batches, total=total, desc=progress, unit="batch", file=sys.stderr,
-                                  disable=progress is None, leave=False):
+                                  disable=None if progress else True, leave=False):
         chunks.append(np.asarray(fn(batch)))
         rows.append(batch_rows)
     rows = np.concatenate(rows)

@@ -131,7 +131,7 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     tables = {id(p): table_of_splits([sub_splits[id(p)]], pad_id=tokenizer.pad_id, max_length=max_length) for p in todo}
     total = sum(eval_batch_count(tables[id(p)], gc.batch_size) for p in todo)
     strategies: dict[int, str] = {}
-    bar = tqdm(total=total, desc="gradients", unit="batch", disable=not progress or total == 0, file=sys.stderr)
+    bar = tqdm(total=total, desc="gradients", unit="batch", disable=None if progress and total else True, file=sys.stderr)
     for p in todo:
         task, split, _, i, rows = p
         sub = sub_splits[id(p)]

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import logging
+import math
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,6 +45,8 @@ from jax_ensemble.storage.atomic import (
     write_verified_json,
 )
 from jax_ensemble.storage.digests import stage_dir
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation")
 
@@ -133,7 +137,12 @@ def affinity_stage(config: Config, *, progress: bool = True, model: RunModel | N
     n = len(data.names)
     affinity.check_inputs(data.features, data.offsets, data.labels, data.task_ids, data.train_mask,
                           data.val_mask, n)
-    subsets = affinity.sample_subsets(n, ac.num_subsets, fraction=ac.subset_fraction, seed=ac.seed)
+    size = affinity.subset_size(n, ac.subset_fraction)
+    distinct = math.comb(n, size)
+    if ac.num_subsets > distinct:
+        log.info("affinity.num_subsets = %d is more than the %d distinct subsets of %d of %d tasks: using all %d "
+                 "(exhaustive)", ac.num_subsets, distinct, size, n, distinct)
+    subsets = affinity.sample_subsets(n, min(ac.num_subsets, distinct), fraction=ac.subset_fraction, seed=ac.seed)
     start = time.perf_counter()
     est = estimate_stacked(data, subsets, config, l2=ac.l2)
     seconds = time.perf_counter() - start

@@ -144,7 +144,7 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
     eval_bs = config.training.eval_batch_size
     settings = []
     bar = tqdm(total=len(ranks) * len(rates) * step_counts[-1], desc="linearization-error", unit="step",
-               disable=not progress, file=sys.stderr)
+               disable=None if progress else True, file=sys.stderr)
     for rank in ranks:
         lora_config = dataclasses.replace(config.lora, rank=rank, dropout=0.0)
         adapted = nnx.clone(model)

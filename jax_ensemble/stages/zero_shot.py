@@ -81,7 +81,7 @@ def evaluate_zero_shot(
     width = max(t.num_classes for t in tasks)
     total = sum(-(-len(tk.prompts) // batch_size) for tk in tokenized)
     results = []
-    with tqdm(total=total, desc=f"zero-shot ({split})", unit="batch", file=sys.stderr, disable=not progress) as bar:
+    with tqdm(total=total, desc=f"zero-shot ({split})", unit="batch", file=sys.stderr, disable=None if progress else True) as bar:
         for task, tk in zip(tasks, tokenized):
             start = time.perf_counter()
             bar.set_postfix_str(task.name)

@@ -312,7 +312,7 @@ def train(
         return config.patience > 0 and bool(np.all(np.asarray(s.bad_evals) >= config.patience))
 
     bar = tqdm(total=steps, initial=start, desc=desc, unit="step", file=sys.stderr,
-               disable=not progress or jax.process_index() != 0, dynamic_ncols=True)
+               disable=None if progress and jax.process_index() == 0 else True, dynamic_ncols=True)
     schedule = learning_rate_schedule(config, steps)
     step = start
     clock = time.perf_counter()
