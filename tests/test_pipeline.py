@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import json
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_cli import assert_one_line_error, cli
+from test_cli import ROOT, assert_one_line_error, cli
 
 from jax_ensemble.stages.gradients import load_gradients
+from jax_ensemble.storage.atomic import read_verified
 
 METHODS = {"zero_shot", "single_adapter", "random_groups", "ensemble"}
 
@@ -50,6 +57,49 @@ def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
     assert {p: p.read_text() for p in trained} == trained
     assert rerun["estimate_validation"]["subsets"] == 2 and (tmp_path / "estimates.png").is_file()
     assert "![estimates](estimates.png)" in (tmp_path / "report.md").read_text()
+    killed_in_every_stage_then_resumed(tmp_path / "faults", metrics)
+
+
+# (stage whose log line arms the kill, seconds after it): SIGKILL inside the gradients, the
+# affinity solve's neighbourhood, two adapters' training, boosting, evaluation and the report
+KILLS = [("grouping", 2.0), ("grouping", 12.0), ("training", 4.0), ("training", 25.0), ("ensemble", 3.0),
+         ("evaluation", 2.0), ("report", 0.0)]
+
+
+def killed_in_every_stage_then_resumed(run_dir: Path, reference: dict) -> None:
+    """Fault injection: ``run`` is killed with SIGKILL at a point inside each stage and started
+    again each time; after every kill no verified file disagrees with its marker and
+    ``metrics.json`` (written last) does not exist before the report stage, and the final
+    numbers equal the uninterrupted run's."""
+    command = [sys.executable, "-m", "jax_ensemble.cli", "run", "--config", "tiny", f"run_dir={run_dir}"]
+    for stage, delay in KILLS:
+        proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        lines: queue.Queue = queue.Queue()
+        threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()
+        deadline = time.monotonic() + 900
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=1)
+            except queue.Empty:
+                continue
+            if f"] {stage}: " in line:
+                time.sleep(delay)
+                proc.send_signal(signal.SIGKILL)
+                break
+        proc.wait(timeout=60)
+        assert proc.returncode in (-signal.SIGKILL, 0), (stage, proc.returncode)
+        if proc.returncode == 0:  # finished before the kill: nothing left to interrupt
+            break
+        if (run_dir / "metrics.json").exists():  # written last and atomically: whole, or absent
+            assert stage == "report" and json.loads((run_dir / "metrics.json").read_text())["tasks"], stage
+        for marker in run_dir.rglob("*.sha256"):
+            target = marker.with_name(marker.name.removesuffix(".sha256"))
+            assert read_verified(target) is not None, (stage, target)
+    final = cli("run", "--config", "tiny", f"run_dir={run_dir}", timeout=2400)
+    assert final.returncode == 0, final.stderr[-3000:]
+    resumed = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("groups", "per_task_accuracy", "ensemble_weights", "boosted_groups"):
+        assert resumed[key] == reference[key], key
 
 
 def check_routed_flops(metrics: dict) -> None:
