@@ -2,7 +2,10 @@
 
 Runs :func:`jax_ensemble.pipeline.run` once per seed on a config, each seed in its own run
 directory ``<out>/seed-<s>`` (every stage and adapter cached: a rerun or a killed benchmark
-only finishes what is missing), and prints per seed the average test accuracy of each
+only finishes what is missing). Each finished seed's summary goes into a results file kept
+in the repository (``benchmarks/results/ensemble-<config>.json``, with the config's hash),
+so a seed finished in one session is not run again in the next, whose checkout has no
+``runs/``. It prints per seed the average test accuracy of each
 method; over seeds, mean ± std and the paired differences ensemble − single adapter and
 ensemble − random groups with a 95% t-interval; the per-task table (mean over seeds). The
 seed changes the LoRA initialisation (hence the gradients' A), the data order, the random
@@ -15,7 +18,7 @@ affinity (both directions) below the mean affinity of the pairs that are not twi
 twins in different groups, and the same paired differences on the twins' tasks only.
 
     .venv/bin/python benchmarks/ensemble.py [--config default] [--seeds 0 1 2] [--train-size N]
-        [--validation-size N] [--test-size N] [--epochs E] [--out runs/bench-<config>] [--json]
+        [--validation-size N] [--test-size N] [--epochs E] [--out runs/bench-<config>] [--results FILE] [--json]
         [key=value ...]
 
 Sizes default to the config's. Hours on a 2-core CPU; not run in CI (the planted-conflict
@@ -28,14 +31,16 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from scipy import stats
 
-from jax_ensemble.config import load_config
+from jax_ensemble.config import config_hash, load_config
 from jax_ensemble.data.offline import PLANTED_CONFLICTS
 from jax_ensemble.pipeline import run
+from jax_ensemble.storage.atomic import atomic_write_json
 
 METHODS = ("zero_shot", "single_adapter", "random_groups", "ensemble")
 
@@ -86,6 +91,8 @@ def main() -> None:
     parser.add_argument("--test-size", type=int)
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--out", default=None, help="default runs/bench-<config name>")
+    parser.add_argument("--results", default=None,
+                        help="per-seed results file, kept across sessions (default benchmarks/results/ensemble-<config>.json)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -95,15 +102,24 @@ def main() -> None:
     sizes += [f"training.epochs={args.epochs}"] if args.epochs is not None else []
     out = args.out or f"runs/bench-{load_config(args.config).name}"
 
+    results_path = Path(args.results or f"benchmarks/results/ensemble-{load_config(args.config).name}.json")
+    recorded = json.loads(results_path.read_text()) if results_path.is_file() else {}
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
         config = load_config(args.config, [f"seed={seed}", *sizes, f"run_dir={out}/seed-{seed}", *args.overrides])
+        done = recorded.get(str(seed))
+        if done is not None and done["config_hash"] == config_hash(config):
+            per_seed[seed] = done  # finished in an earlier session: recorded with the same config
+            continue
         start = time.perf_counter()
         metrics = json.loads((run(config) / "metrics.json").read_text())
         per_seed[seed] = {"average_accuracy": metrics["average_accuracy"], "per_task_accuracy": metrics["per_task_accuracy"],
                           "groups": metrics["groups"], "wall_seconds": round(time.perf_counter() - start, 1),
                           "ensemble_overhead_percent": metrics["flops"]["ensemble_overhead_percent"],
-                          "training_budget": metrics.get("training_budget"), "conflicts": conflict_checks(metrics)}
+                          "training_budget": metrics.get("training_budget"), "conflicts": conflict_checks(metrics),
+                          "config_hash": config_hash(config)}
+        recorded[str(seed)] = per_seed[seed]
+        atomic_write_json(results_path, recorded)
         print(f"seed {seed}: " + ", ".join(f"{m} {metrics['average_accuracy'][m]:.3f}" for m in METHODS),
               file=sys.stderr, flush=True)
 
