@@ -16,7 +16,7 @@ import yaml
 from jax_ensemble.cli import main
 from jax_ensemble.config import TasksConfig, load_config
 from jax_ensemble.data import SUITES, load_suite, load_task, render_prompt
-from jax_ensemble.data.batching import bucket_lengths, label_token_ids, tokenize_split
+from jax_ensemble.data.batching import bucket_lengths, label_scoring, label_token_ids, tokenize_split
 from jax_ensemble.data.splits import scaled_sizes, split_indices, stratified_order
 from jax_ensemble.data.tables import eval_batches, table_of_splits
 from jax_ensemble.errors import ConfigError, DataError
@@ -312,11 +312,29 @@ def test_batches_follow_the_classification_convention(tmp_path, tiny_model):
     assert batch["label_token_ids"][:, :2].tolist() == [label_token_ids(task.spec, tok).tolist()] * 5
 
 
-def test_label_words_sharing_a_first_token_are_rejected(tmp_path, tiny_model):
-    _, tok = tiny_model
-    task = tiny_task(tmp_path, label_words={"no": " no", "yes": " yes"})  # both start with the byte 'Ġ'
-    with pytest.raises(DataError, match="share their first token"):
-        label_token_ids(task.spec, tok)
+def test_label_words_sharing_a_first_token_are_scored_after_it(tmp_path, tiny_model):
+    """' no' and ' yes' both start with the byte 'Ġ' in the tiny tokenizer: the shared token is
+    appended to every prompt and the classes are scored by the next token, which equals a
+    per-example loop over full-vocabulary logits after prompt + 'Ġ'."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_ensemble.stages.zero_shot import jitted_label_logits, split_label_logits
+
+    model, tok = tiny_model
+    task = tiny_task(tmp_path, label_words={"no": " no", "yes": " yes"})
+    prefix, scored = label_scoring(task.spec, tok)
+    words = [tok.encode(w, add_bos=False) for w in task.spec.label_words]
+    assert prefix == words[0][:1] == words[1][:1] and scored.tolist() == [words[0][1], words[1][1]]
+    tokenized = tokenize_split(task, "train", tok, 40)
+    assert all(p[-1:].tolist() == prefix for p in tokenized.prompts)
+    batched = split_label_logits(jitted_label_logits(model), tokenized, batch_size=4, max_length=40, pad_id=tok.pad_id,
+                                 num_choices=2)
+    last_logits = nnx.jit(lambda m, ids: m(ids, logit_positions=jnp.array([ids.shape[1] - 1])))
+    reference = np.stack([
+        np.asarray(last_logits(model, jnp.array([(tok.encode(render_prompt(task.spec, row)) + prefix)[-40:]])))[0][scored]
+        for row in task.split("train")])
+    np.testing.assert_allclose(batched, reference, rtol=1e-4, atol=1e-4)
 
 
 def test_zero_shot_matches_a_plain_per_example_loop(tmp_path, tiny_model):

@@ -11,8 +11,10 @@ import pytest
 from jax_ensemble.cli import main
 from jax_ensemble.config import TasksConfig
 from jax_ensemble.data import SUITES, load_task, render_prompt
-from jax_ensemble.data.batching import label_token_ids
+from jax_ensemble.data.batching import label_scoring, label_token_ids
 from jax_ensemble.data.offline import OFFLINE_TASKS, PLANTED_CONFLICTS
+from jax_ensemble.data.task import TaskSpec
+from jax_ensemble.errors import DataError
 
 DEFAULT = TasksConfig()
 
@@ -125,3 +127,20 @@ def test_real_model_zero_shot_matches_a_left_padded_full_vocabulary_reference():
     assert result["examples"] == 8
     assert result["prediction_counts"] == np.bincount(preds, minlength=3).tolist()
     assert result["accuracy"] == pytest.approx(np.mean(preds == np.array(task.split("validation")["label"])))
+
+
+def test_digit_label_words_are_scored_after_their_shared_space(default_tokenizer):
+    """SmolLM2 encodes ' 1' as ' ', '1': a five-way numeric task scores '1'..'5' after the
+    shared ' ' (appended to the prompt); words that do not differ at one token are refused."""
+    def spec(*words: str) -> TaskSpec:
+        return TaskSpec(name="stars", template="{text}\nStars:", class_names=tuple(f"c{i}" for i in range(len(words))),
+                        label_words=words)
+
+    prefix, scored = label_scoring(spec(" 1", " 2", " 3", " 4", " 5"), default_tokenizer)
+    assert default_tokenizer.decode(prefix) == " "
+    assert [default_tokenizer.decode([t]) for t in scored] == ["1", "2", "3", "4", "5"]
+    assert label_scoring(spec(" positive", " negative"), default_tokenizer)[0] == []
+    with pytest.raises(DataError, match="label word ' 1' is the start of every other label word"):
+        label_scoring(spec(" 1", " 10"), default_tokenizer)
+    with pytest.raises(DataError, match="' 10' and ' 11' share their first scored token '1' after the shared start ' '"):
+        label_scoring(spec(" 10", " 11", " 2"), default_tokenizer)
