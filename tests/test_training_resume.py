@@ -52,3 +52,17 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
     assert killed.keys() == expected.keys()
     for key in expected:
         assert np.array_equal(killed[key], expected[key]), key
+
+    # a finished step whose files were altered afterwards: it fails its digest, is deleted with
+    # one warning, and training resumes from the step before it to the same adapter
+    checkpoints = tmp_path / "uninterrupted" / "checkpoints"
+    assert sorted(p.name for p in (tmp_path / "uninterrupted" / "checkpoint_digests").iterdir()) == ["50.sha256",
+                                                                                                  "60.sha256"]
+    biggest = max((p for p in (checkpoints / "60").rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
+    data = bytearray(biggest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    biggest.write_bytes(bytes(data))
+    again = run(LONG, make_mesh(MeshConfig(data=1)), run_dir=tmp_path / "uninterrupted", dropout=0.1)
+    assert again.step == LONG.max_steps and [r["step"] for r in again.history][-10:] == list(range(51, 61))
+    for key, value in flatten(again.lora).items():
+        assert np.array_equal(np.asarray(value), expected[key]), key

@@ -4,12 +4,19 @@ A checkpoint holds any pytree of arrays (the training state) as a flat mapping f
 dotted paths (``lora.layers.self_attn.q_proj.lora_a``) to arrays, plus a JSON
 ``fingerprint`` of what produced it. Orbax writes each step into a temporary directory
 and renames it when complete, so a run killed mid-save leaves the previous checkpoint as
-the latest. Restoring takes a template of the state and the target shardings: a
-checkpoint saved under one mesh restores under any other.
+the latest. Once a step is finished (before the next save, and at the end of training)
+its digest — the sha256 over its files' paths and bytes — goes to
+``checkpoint_digests/<step>.sha256`` beside the checkpoint directory (:func:`seal_finished`);
+:func:`restore_checkpoint` skips and deletes a step whose files no longer match it, with
+one warning, and resumes from the newest step that does. Restoring takes a template of
+the state and the target shardings: a checkpoint saved under one mesh restores under any
+other.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +24,11 @@ import jax
 import orbax.checkpoint as ocp
 
 from jax_ensemble.errors import CheckpointError
+from jax_ensemble.storage.atomic import atomic_write_bytes
+from jax_ensemble.storage.digests import sha256_file
 from jax_ensemble.training.mesh import path_name
+
+log = logging.getLogger(__name__)
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -38,8 +49,36 @@ def checkpoint_manager(directory: str | Path, keep_last: int) -> ocp.CheckpointM
     return ocp.CheckpointManager(Path(directory).absolute(), options=options)
 
 
+def step_digest(directory: str | Path) -> str:
+    """sha256 over a checkpoint step directory: every file's relative path and sha256, sorted."""
+    root = Path(directory)
+    h = hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(f"{path.relative_to(root)}\0{sha256_file(path)}\n".encode())
+    return h.hexdigest()
+
+
+def _digest_file(manager: ocp.CheckpointManager, step: int) -> Path:
+    return Path(manager.directory).parent / "checkpoint_digests" / f"{step}.sha256"
+
+
+def seal_finished(manager: ocp.CheckpointManager) -> None:
+    """Wait for pending saves, then record the digest of every kept step that has none and
+    drop the digests of steps no longer kept."""
+    manager.wait_until_finished()
+    kept = set(manager.all_steps())
+    for step in kept:
+        if not _digest_file(manager, step).is_file():
+            atomic_write_bytes(_digest_file(manager, step), step_digest(Path(manager.directory) / str(step)).encode())
+    for stale in _digest_file(manager, 0).parent.glob("*.sha256"):
+        if int(stale.name.removesuffix(".sha256")) not in kept:
+            stale.unlink()
+
+
 def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any, fingerprint: dict[str, Any]) -> None:
-    """Save ``state`` (global arrays) as step ``step`` (asynchronously; see ``wait_until_finished``)."""
+    """Seal the finished steps (:func:`seal_finished`), then save ``state`` (global arrays)
+    as step ``step`` (asynchronously: seal again before relying on it)."""
+    seal_finished(manager)
     manager.save(
         step,
         args=ocp.args.Composite(
@@ -50,6 +89,20 @@ def save_checkpoint(manager: ocp.CheckpointManager, step: int, state: Any, finge
     )
 
 
+def _newest_intact_step(manager: ocp.CheckpointManager) -> int | None:
+    """The newest step whose files match its digest (or that has none yet); steps that do not
+    match are deleted with one warning. None when no step is left (training starts over)."""
+    for step in sorted(manager.all_steps(), reverse=True):
+        recorded = _digest_file(manager, step)
+        if not recorded.is_file() or recorded.read_text().strip() == step_digest(Path(manager.directory) / str(step)):
+            return step
+        log.warning("checkpoint %s/%d is corrupt (it does not match %s): deleted, resuming from an earlier step",
+                    manager.directory, step, recorded.name)
+        manager.delete(step)
+        recorded.unlink()
+    return None
+
+
 def restore_checkpoint(
     manager: ocp.CheckpointManager,
     template: Any,
@@ -57,10 +110,11 @@ def restore_checkpoint(
     fingerprint: dict[str, Any] | None = None,
     step: int | None = None,
 ) -> tuple[Any, int] | None:
-    """``(state, step)`` from step ``step`` (default: the latest), laid out by ``shardings``,
+    """``(state, step)`` from step ``step`` (default: the newest intact one), laid out by ``shardings``,
     or None when there is no checkpoint. CheckpointError if the checkpoint was written
     with a different ``fingerprint`` or does not fit ``template``."""
-    step = manager.latest_step() if step is None else step
+    if step is None:
+        step = _newest_intact_step(manager)
     if step is None:
         return None
     directory = manager.directory

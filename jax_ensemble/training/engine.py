@@ -42,7 +42,7 @@ from jax_ensemble.core.losses import weighted_cross_entropy
 from jax_ensemble.core.trees import stack_trees
 from jax_ensemble.data.tables import batch_indices, eval_batches, num_rows, take_batch
 from jax_ensemble.errors import TrainingError
-from jax_ensemble.training.checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint
+from jax_ensemble.training.checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint, seal_finished
 from jax_ensemble.training.losses import LossFn, Objective, objective_loss
 from jax_ensemble.training.mesh import (
     DEFAULT_RULES,
@@ -346,7 +346,7 @@ def train(
         writer.close()
     checkpoint(step)
     if manager is not None:
-        manager.wait_until_finished()
+        seal_finished(manager)
         manager.close()
     final = state.best_lora if validation is not None else state.lora
     return TrainResult(
