@@ -15,6 +15,7 @@ import logging
 import os
 import sys
 from importlib import metadata
+from pathlib import Path
 from typing import Callable, Sequence
 
 from jax_ensemble.errors import ConfigError, JaxEnsembleError
@@ -328,9 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(handler=_cmd_generate)
 
     def config_args(p: argparse.ArgumentParser, example: str = "tasks.train_size=100") -> None:
+        shipped = ", ".join(sorted(path.stem for path in (Path(__file__).parent / "configs").glob("*.yaml")))
         p.add_argument("--config", default=None,
-                       help="a shipped config's name (default, tiny, paper_llama31_8b_gpu) or a YAML path "
-                            "(default: built-in defaults)")
+                       help=f"a shipped config's name ({shipped}) or a YAML path (default: built-in defaults)")
         p.add_argument("overrides", nargs="*", metavar="key=value", help=f"config overrides, e.g. {example}")
 
     run = sub.add_parser("run", help="the main job: estimate, cluster, train groups and baselines, "
