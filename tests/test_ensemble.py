@@ -34,7 +34,7 @@ from jax_ensemble.core.losses import NO_CHOICE_LOGIT
 from jax_ensemble.core.projection import make_projector
 from jax_ensemble.core.trees import stack_trees, unstack_tree
 from jax_ensemble.data.tables import eval_batches
-from jax_ensemble.errors import ConfigError, DataError, NumericalError
+from jax_ensemble.errors import ConfigError, DataError, NumericalError, SolverError
 from jax_ensemble.models import LlamaForCausalLM
 from jax_ensemble.models.lora import LoRAConfig, init_member_adapters
 from jax_ensemble.models.lora_gradients import batch_gradients, lora_feature_split
@@ -324,3 +324,32 @@ def test_table_outputs_in_table_order_and_no_progress_bar_off_a_terminal(capsys)
                         progress="test rows")
     np.testing.assert_array_equal(out, table["label"] * 10 + table["task_index"])
     assert capsys.readouterr().err == ""
+
+
+def test_inaccurate_weight_fits_fall_back_to_the_best_member(monkeypatch):
+    """When the solver only reports ``optimal_inaccurate`` (Clarabel did on a planted-conflict
+    run), the weights are the best, by the objective, of its solution and each member alone;
+    any other non-optimal status is a SolverError."""
+    import cvxpy as cp
+
+    rng = np.random.default_rng(7)
+    n = 40
+    labels = rng.integers(0, 2, size=n)
+    logits = rng.normal(size=(3, n, 2))
+    logits[1, np.arange(n), labels] += 8.0  # member 1 separates the rows
+    solve = cp.Problem.solve
+
+    def reported(status, value):
+        def fake_solve(self, *args, **kwargs):
+            solve(self, *args, **kwargs)
+            self.variables()[0].value = value
+            self._status = status
+        return fake_solve
+
+    monkeypatch.setattr(cp.Problem, "solve", reported(cp.OPTIMAL_INACCURATE, np.full(3, 1 / 3)))
+    alpha = fit_convex_weights(logits, labels, np.ones(n))
+    np.testing.assert_array_equal(alpha, [0.0, 1.0, 0.0])
+    assert ensemble_loss(alpha, logits, labels, np.ones(n)) < ensemble_loss(np.full(3, 1 / 3), logits, labels, np.ones(n))
+    monkeypatch.setattr(cp.Problem, "solve", reported(cp.INFEASIBLE, None))
+    with pytest.raises(SolverError, match="status 'infeasible'"):
+        fit_convex_weights(logits, labels, np.ones(n))

@@ -63,9 +63,11 @@ def fit_convex_weights(logits: np.ndarray, labels: np.ndarray, weights: np.ndarr
 
     logits (M, n, K) (padded choices NO_CHOICE_LOGIT), labels (n,), weights (n,) ≥ 0 (rows
     of weight 0 are dropped). Each row is shifted by its largest logit (CE is unchanged
-    because Σα = 1) and its log-sum-exp runs over its real choices only. DataError if no
-    row has positive weight; NumericalError on NaN/inf logits; SolverError unless cvxpy
-    reports optimal."""
+    because Σα = 1) and its log-sum-exp runs over its real choices only. When the solver
+    reports ``optimal_inaccurate`` (rows that some member separates with huge margins make
+    the exponential cone ill-conditioned), the result is the best, by this objective, of its
+    solution and the M single members. DataError if no row has positive weight;
+    NumericalError on NaN/inf logits; SolverError for any other status."""
     keep = np.asarray(weights) > 0
     if not keep.any():
         raise DataError("no validation rows with positive weight to fit ensemble weights on")
@@ -91,11 +93,15 @@ def fit_convex_weights(logits: np.ndarray, labels: np.ndarray, weights: np.ndarr
         problem.solve(solver=solver)
     except cp.SolverError:
         raise SolverError(f"fitting ensemble weights failed in {solver}; try another cvxpy solver (e.g. SCS)") from None
-    if problem.status != cp.OPTIMAL:
+    if problem.status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE) or alpha.value is None:
         raise SolverError(f"fitting ensemble weights ended with status {problem.status!r} in {solver}, not optimal; "
                           "try another cvxpy solver (e.g. SCS)")
     a = np.clip(np.asarray(alpha.value, np.float64), 0.0, None)
-    return a / a.sum()
+    a = a / a.sum()
+    if problem.status == cp.OPTIMAL_INACCURATE:  # near-separable rows: keep the better of it and every vertex
+        candidates = [a, *np.eye(m)]
+        a = min(candidates, key=lambda c: ensemble_loss(c, z, y, w))
+    return a
 
 
 def fit_ensemble_weights(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray, task_index: np.ndarray,
