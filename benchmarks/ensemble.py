@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import stats
 
+from jax_ensemble.cli import configure_logging
 from jax_ensemble.config import config_hash, load_config
 from jax_ensemble.data.offline import PLANTED_CONFLICTS
 from jax_ensemble.pipeline import run
@@ -96,6 +97,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
+    configure_logging("info")  # stage lines and progress (one line per tenth in a log file) on stderr
     sizes = [f"tasks.{key}_size={value}" for key, value in
              (("train", args.train_size), ("validation", args.validation_size), ("test", args.test_size))
              if value is not None]

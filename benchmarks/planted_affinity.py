@@ -34,6 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from jax_ensemble.cli import configure_logging
 from jax_ensemble.config import Config, load_config
 from jax_ensemble.core import affinity, clustering
 from jax_ensemble.data.offline import PLANTED_CONFLICTS
@@ -106,6 +107,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
+    configure_logging("info")  # stage lines and progress (one line per tenth in a log file) on stderr
     config = load_config(args.config, args.overrides)
     gradients = load_gradients(gradient_stage(config))
     if args.tasks:

@@ -22,7 +22,6 @@ docs/method.md §7.
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
@@ -31,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
-from tqdm import tqdm
 
 from jax_ensemble.core.batch import MODEL_KEYS, Batch, Table
 from jax_ensemble.core.ensemble import (
@@ -58,6 +56,7 @@ from jax_ensemble.models.lora_gradients import lora_feature_split
 from jax_ensemble.stages.gradients import SplitGradients
 from jax_ensemble.training.engine import train
 from jax_ensemble.training.losses import boosting_objective
+from jax_ensemble.training.progress import Progress
 from jax_ensemble.training.settings import TrainingConfig
 
 
@@ -74,12 +73,11 @@ def table_outputs(fn: Callable[[Batch], jax.Array], table: Table, batch_size: in
     ordered), put back in table order along the row axis ``axis`` of its output: N rows.
     ``progress``: a progress bar on stderr with this description (None: none)."""
     chunks, rows = [], []
-    batches = eval_batches(table, batch_size)
-    total = -(-num_rows(table) // batch_size)
-    for batch, batch_rows in tqdm(batches, total=total, desc=progress, unit="batch", file=sys.stderr,
-                                  disable=None if progress else True, leave=False):
-        chunks.append(np.asarray(fn(batch)))
-        rows.append(batch_rows)
+    with Progress(-(-num_rows(table) // batch_size), progress or "", "batch", enabled=progress is not None) as bar:
+        for batch, batch_rows in eval_batches(table, batch_size):
+            chunks.append(np.asarray(fn(batch)))
+            rows.append(batch_rows)
+            bar.update(1)
     rows = np.concatenate(rows)
     real = np.flatnonzero(rows >= 0)
     return np.take(np.concatenate(chunks, axis=axis), real[np.argsort(rows[real])], axis=axis)

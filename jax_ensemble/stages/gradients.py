@@ -15,7 +15,6 @@ corrupt shard is recomputed; the same settings give byte-identical shards.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,6 @@ from typing import Any
 import jax
 import numpy as np
 import safetensors.numpy
-from tqdm import tqdm
 
 from jax_ensemble.config import Config
 from jax_ensemble.core.linearize import forward_flops, resolve_strategy
@@ -35,6 +33,7 @@ from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata
 from jax_ensemble.stages.model import RunModel, load_run_model
 from jax_ensemble.storage.atomic import marker_path, read_verified, read_verified_json, write_verified, write_verified_json
 from jax_ensemble.storage.digests import sha256_hex, stage_dir
+from jax_ensemble.training.progress import Progress
 
 GRADIENT_SPLITS = ("train", "validation")
 
@@ -131,7 +130,7 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     tables = {id(p): table_of_splits([sub_splits[id(p)]], pad_id=tokenizer.pad_id, max_length=max_length) for p in todo}
     total = sum(eval_batch_count(tables[id(p)], gc.batch_size) for p in todo)
     strategies: dict[int, str] = {}
-    bar = tqdm(total=total, desc="gradients", unit="batch", disable=None if progress and total else True, file=sys.stderr)
+    bar = Progress(total, "gradients", "batch", enabled=progress)
     for p in todo:
         task, split, _, i, rows = p
         sub = sub_splits[id(p)]

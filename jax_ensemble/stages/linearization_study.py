@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from jax_ensemble.config import Config
 from jax_ensemble.core.linearize import linearization_errors, linearize
@@ -50,6 +48,7 @@ from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 from jax_ensemble.training.engine import total_steps, train
 from jax_ensemble.training.losses import classification_objective
 from jax_ensemble.training.mesh import make_mesh
+from jax_ensemble.training.progress import Progress
 
 
 def lora_weight_distance(lora: nnx.State, base: nnx.State, scaling: float) -> float:
@@ -143,8 +142,7 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
     rates = study.learning_rates or (config.training.learning_rate,)
     eval_bs = config.training.eval_batch_size
     settings = []
-    bar = tqdm(total=len(ranks) * len(rates) * step_counts[-1], desc="linearization-error", unit="step",
-               disable=None if progress else True, file=sys.stderr)
+    bar = Progress(len(ranks) * len(rates) * step_counts[-1], "linearization-error", "step", enabled=progress)
     for rank in ranks:
         lora_config = dataclasses.replace(config.lora, rank=rank, dropout=0.0)
         adapted = nnx.clone(model)

@@ -10,14 +10,12 @@ K share programs.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from flax import nnx
-from tqdm import tqdm
 
 from jax_ensemble.core.batch import Batch
 from jax_ensemble.data.batching import TokenizedSplit, tokenize_split
@@ -25,6 +23,7 @@ from jax_ensemble.data.tables import eval_batches, table_of_splits
 from jax_ensemble.data.task import Task
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.tokenizer import Tokenizer
+from jax_ensemble.training.progress import Progress
 
 
 def jitted_label_logits(model: nnx.Module) -> Callable[[Batch], np.ndarray]:
@@ -81,12 +80,12 @@ def evaluate_zero_shot(
     width = max(t.num_classes for t in tasks)
     total = sum(-(-len(tk.prompts) // batch_size) for tk in tokenized)
     results = []
-    with tqdm(total=total, desc=f"zero-shot ({split})", unit="batch", file=sys.stderr, disable=None if progress else True) as bar:
+    with Progress(total, f"zero-shot ({split})", "batch", enabled=progress) as bar:
         for task, tk in zip(tasks, tokenized):
             start = time.perf_counter()
-            bar.set_postfix_str(task.name)
             z = split_label_logits(logits_fn, tk, batch_size=batch_size, max_length=max_length,
-                                   pad_id=tokenizer.pad_id, num_choices=width, on_batch=lambda: bar.update(1))
+                                   pad_id=tokenizer.pad_id, num_choices=width,
+                                   on_batch=lambda name=task.name: bar.update(1, name))
             pred = z.argmax(axis=1)
             gold_counts = np.bincount(tk.labels, minlength=task.num_classes)
             results.append({

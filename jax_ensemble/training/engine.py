@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
@@ -35,7 +34,6 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
-from tqdm import tqdm
 
 from jax_ensemble.core.batch import Table
 from jax_ensemble.core.losses import weighted_cross_entropy
@@ -53,6 +51,7 @@ from jax_ensemble.training.mesh import (
     tree_shardings,
 )
 from jax_ensemble.training.metrics import MetricsWriter
+from jax_ensemble.training.progress import Progress
 from jax_ensemble.training.settings import TrainingConfig
 
 
@@ -311,8 +310,7 @@ def train(
     def stopped(s: TrainState) -> bool:
         return config.patience > 0 and bool(np.all(np.asarray(s.bad_evals) >= config.patience))
 
-    bar = tqdm(total=steps, initial=start, desc=desc, unit="step", file=sys.stderr,
-               disable=None if progress and jax.process_index() == 0 else True, dynamic_ncols=True)
+    bar = Progress(steps, desc, "step", enabled=progress and jax.process_index() == 0, initial=start)
     schedule = learning_rate_schedule(config, steps)
     step = start
     clock = time.perf_counter()
@@ -337,8 +335,7 @@ def train(
             record["seconds"] = round(now - clock, 4)  # this step's wall time, evaluation and compilation included
             clock = now
             writer.write(record)
-            bar.set_postfix(loss=f"{float(np.mean(record['loss'])):.4f}", refresh=False)
-            bar.update(1)
+            bar.update(1, f"loss={float(np.mean(record['loss'])):.4f}")
             if step % config.checkpoint_every == 0:
                 checkpoint(step)
     finally:
