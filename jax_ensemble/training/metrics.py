@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,9 @@ class MetricsWriter:
                     kept.append(record)
         self.records = kept
         atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        self._events = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=after_step + 1 if after_step else None,
-                                     flush_secs=10)
+        # purge from the step after the restored one, also when nothing was restored: events of
+        # a run killed before its first checkpoint must not stay beside the new ones
+        self._events = self._event_file(purge_step=after_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one step's record: ``{"step": int, name: float | list[float], ...}``."""
@@ -72,10 +74,20 @@ class MetricsWriter:
             else:
                 self._events.add_scalar(name, float(value), step)
 
+    def _event_file(self, purge_step: int | None = None) -> SummaryWriter:
+        """A new event file, named after the nanosecond it was opened: files of one second never
+        collide, and TensorBoard reads them in the order they were written."""
+        return SummaryWriter(str(self.run_dir / TENSORBOARD_DIR), purge_step=purge_step, flush_secs=10,
+                             filename_suffix=f".{time.time_ns():020d}")
+
     def flush(self) -> None:
-        """Write pending events to disk (before a checkpoint, so a resume finds every step up to it)."""
+        """Write every pending event to disk (before a checkpoint, so a resume finds every step
+        up to it). tensorboardX's own ``flush`` leaves queued events to its writer thread, and
+        a kill loses them; closing the file drains that queue, so the file is closed and the
+        next steps go to a new one (TensorBoard reads a directory of event files as one run)."""
         if self._events is not None:
-            self._events.flush()
+            self._events.close()
+            self._events = self._event_file()
 
     def close(self) -> None:
         """Flush and close the event file."""
