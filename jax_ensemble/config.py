@@ -32,6 +32,7 @@ from jax_ensemble.core.projection import PROJECTION_KINDS
 from jax_ensemble.core.solvers import METHODS as SOLVER_METHODS
 from jax_ensemble.data.suites import TasksConfig
 from jax_ensemble.errors import ConfigError, check_choice, parse_error_location
+from jax_ensemble.kernels.backend import KERNEL_CHOICES
 from jax_ensemble.models.layers import BASE_DTYPES, COMPUTE_DTYPES
 from jax_ensemble.models.lora import LoRAConfig
 from jax_ensemble.storage.digests import digest
@@ -47,17 +48,26 @@ class ModelConfig:
     base_dtype: storage of the frozen base: ``int8`` (weight-only, per-output-channel
       scales, embedding per-row), ``bfloat16`` or ``float32``.
     compute_dtype: dtype of activations and matmuls.
+    kernels: ``auto`` (Pallas kernels on GPU/TPU, plain XLA on CPU), ``xla`` or ``pallas``
+      (the fused int8 + LoRA matmul and the seeded projection; on CPU interpreted, slow).
+      Changes how, not what, is computed: not part of any stage's cache key.
     """
 
     source: str = "smollm2-135m"
     base_dtype: str = "int8"
     compute_dtype: str = "float32"
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("model.base_dtype", self.base_dtype, BASE_DTYPES)
         check_choice("model.compute_dtype", self.compute_dtype, COMPUTE_DTYPES)
+        check_choice("model.kernels", self.kernels, KERNEL_CHOICES)
         if not self.source:
             raise ConfigError("model.source is empty: give a registry name, a local path or a hub id")
+
+    def cache_identity(self) -> dict[str, Any]:
+        """The fields that change results (cache keys and adapter fingerprints): all but ``kernels``."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "kernels"}
 
 
 

@@ -17,6 +17,11 @@ at a time, and the numbers depend on (seed, kind, leaf path, block index) only, 
 the device layout (JAX's threefry is partitionable), so the same P is produced on one
 device or sharded over a mesh. The idea follows MadryLab/trak's projectors (blocks
 regenerated from ``seed + block``).
+
+With ``kernels="pallas"`` (Rademacher P only) ``project`` runs the Pallas kernel
+:func:`jax_ensemble.kernels.projection.seeded_projection`, which generates the same entries
+bit for bit inside the kernel, tile by tile, so no block of P is written to memory; ``lift``
+always regenerates blocks with ``jax.random`` (one P for both).
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from jax_ensemble.errors import ConfigError
+from jax_ensemble.kernels.projection import leaf_key, seeded_projection
 
 PROJECTION_KINDS = ("rademacher", "gaussian")
 
@@ -58,6 +64,7 @@ class Projector:
     block_rows: int
     treedef: Any
     leaves: tuple[LeafSpec, ...]
+    kernels: str = "xla"
 
     @property
     def num_params(self) -> int:
@@ -77,9 +84,12 @@ class Projector:
 
 
 def make_projector(
-    template: Any, dim: int, *, seed: int = 0, kind: str = "rademacher", block_rows: int = 4096
+    template: Any, dim: int, *, seed: int = 0, kind: str = "rademacher", block_rows: int = 4096,
+    kernels: str = "xla",
 ) -> Projector:
-    """A projector for pytrees shaped like ``template`` (arrays or shape-dtype structs)."""
+    """A projector for pytrees shaped like ``template`` (arrays or shape-dtype structs).
+
+    ``kernels``: ``xla`` or ``pallas`` (how ``project`` runs; not part of P's identity)."""
     if dim <= 0:
         raise ConfigError(f"projection dimension must be > 0, got {dim}")
     if kind not in PROJECTION_KINDS:
@@ -90,7 +100,8 @@ def make_projector(
     if not flat:
         raise ConfigError("cannot project an empty parameter pytree")
     leaves = tuple(LeafSpec(jax.tree_util.keystr(path), tuple(leaf.shape)) for path, leaf in flat)
-    return Projector(dim=dim, seed=seed, kind=kind, block_rows=block_rows, treedef=treedef, leaves=leaves)
+    return Projector(dim=dim, seed=seed, kind=kind, block_rows=block_rows, treedef=treedef, leaves=leaves,
+                     kernels=kernels)
 
 
 def _rows(projector: Projector, leaf: LeafSpec) -> int:
@@ -101,9 +112,13 @@ def _num_blocks(projector: Projector, leaf: LeafSpec) -> int:
     return -(-leaf.size // _rows(projector, leaf))
 
 
+def _leaf_id(leaf: LeafSpec) -> int:
+    return zlib.crc32(leaf.path.encode())
+
+
 def projection_block(projector: Projector, leaf: LeafSpec, block: jax.Array | int) -> jax.Array:
     """Block ``block`` of leaf ``leaf``'s rows of P: (rows_ℓ, d) float32 (see module doc)."""
-    key = jax.random.fold_in(jax.random.key(projector.seed), zlib.crc32(leaf.path.encode()))
+    key = jax.random.fold_in(jax.random.key(projector.seed), _leaf_id(leaf))
     key = jax.random.fold_in(key, block)
     shape = (_rows(projector, leaf), projector.dim)
     scale = 1.0 / math.sqrt(projector.dim)
@@ -135,6 +150,10 @@ def project(projector: Projector, grads: Any) -> jax.Array:
                               "(leading axes, then the parameter's shape)")
         rows, blocks = _rows(projector, spec), _num_blocks(projector, spec)
         flat = g.reshape(n, spec.size).astype(jnp.float32)
+        if projector.kernels == "pallas" and projector.kind == "rademacher":
+            out = out + seeded_projection(flat, key=leaf_key(projector.seed, _leaf_id(spec)), block_rows=rows,
+                                          dim=projector.dim, scale=1.0 / math.sqrt(projector.dim))
+            continue
         flat = jnp.pad(flat, ((0, 0), (0, rows * blocks - spec.size)))
         chunks = jnp.moveaxis(flat.reshape(n, blocks, rows), 1, 0)  # (blocks, n, rows)
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax_ensemble.kernels.int8_lora import int8_lora_matmul
 from jax_ensemble.models.quantization import quantize_int8
 
 BASE_DTYPES = ("int8", "bfloat16", "float32")
@@ -43,6 +44,9 @@ class Linear(nnx.Module):
 
     In int8 mode ``W = q · s`` with one scale per output channel, applied after the
     matmul: ``x W = (x q) · s``. LoRA is attached by :func:`jax_ensemble.models.lora.apply_lora`.
+    ``kernels`` (set by :func:`select_kernels`): ``xla`` computes this with plain XLA ops,
+    ``pallas`` with the fused kernel :func:`jax_ensemble.kernels.int8_lora.int8_lora_matmul`
+    (same numbers within float tolerance; outputs restricted to ``columns`` stay on XLA).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class Linear(nnx.Module):
         self.lora_b: nnx.LoRAParam | None = nnx.data(None)
         self.lora_scaling = 0.0
         self.lora_dropout = 0.0
+        self.kernels = "xla"
 
     def __call__(
         self, x: jax.Array, *, columns: jax.Array | None = None, dropout_key: jax.Array | None = None
@@ -66,19 +71,33 @@ class Linear(nnx.Module):
         x then being (B, P, in) → (B, P, K)."""
         cd = self.compute_dtype
         x = x.astype(cd)
-        w = _select_columns(self.kernel[...], columns, axis=-1).astype(cd)
-        y = _matmul(x, w, columns)
-        if self.scale is not None:
-            s = _select_columns(self.scale[...], columns, axis=-1).astype(cd)
-            y = y * (s[:, None, :] if s.ndim == 2 else s)
+        h = None
         if self.lora_a is not None:
             h = x
             if dropout_key is not None and self.lora_dropout > 0.0:
                 keep = jax.random.bernoulli(dropout_key, 1.0 - self.lora_dropout, h.shape)
                 h = jnp.where(keep, h / (1.0 - self.lora_dropout), 0.0).astype(cd)
+        scale = None if self.scale is None else self.scale[...]
+        if self.kernels == "pallas" and columns is None:
+            xa = None if h is None else h @ self.lora_a[...].astype(cd)
+            b = None if h is None else self.lora_b[...]
+            return int8_lora_matmul(x, self.kernel[...], scale, xa, b, self.lora_scaling)
+        w = _select_columns(self.kernel[...], columns, axis=-1).astype(cd)
+        y = _matmul(x, w, columns)
+        if scale is not None:
+            s = _select_columns(scale, columns, axis=-1).astype(cd)
+            y = y * (s[:, None, :] if s.ndim == 2 else s)
+        if h is not None:
             b = _select_columns(self.lora_b[...], columns, axis=-1).astype(cd)
             y = y + _matmul(h @ self.lora_a[...].astype(cd), b, columns) * self.lora_scaling
         return y
+
+
+def select_kernels(model: nnx.Module, kernels: str) -> None:
+    """Run every Linear of ``model`` on ``xla`` or ``pallas`` (in place; see ``Linear``)."""
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, Linear):
+            node.kernels = kernels
 
 
 def _select_columns(w: jax.Array, columns: jax.Array | None, axis: int) -> jax.Array:

@@ -40,7 +40,7 @@ def adapter_fingerprint(config: Config, task_names: Sequence[str]) -> dict[str, 
     training settings and seed, and the tasks it trains on (not the config's name, run
     directory, mesh or later stages' settings), so ``jax-ensemble train`` and ``run`` share
     a finished adapter and a renamed config still resumes."""
-    settings = config_to_dict(config)
+    settings = {**config_to_dict(config), "model": config.model.cache_identity()}
     return {"settings": {k: settings[k] for k in ("model", "lora", "tasks", "training", "seed")},
             "tasks": list(task_names)}
 

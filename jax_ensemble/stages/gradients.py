@@ -29,6 +29,7 @@ from jax_ensemble.core.projection import Projector, make_projector
 from jax_ensemble.data import load_suite, tokenize_split
 from jax_ensemble.data.tables import eval_batch_count, eval_batches, table_of_splits
 from jax_ensemble.errors import CheckpointError, DataError, NumericalError
+from jax_ensemble.kernels.backend import resolve_kernels
 from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata, lora_feature_split, lora_output_fn
 from jax_ensemble.stages.model import RunModel, load_run_model
 from jax_ensemble.storage.atomic import marker_path, read_verified, read_verified_json, write_verified, write_verified_json
@@ -50,7 +51,7 @@ class SplitGradients:
 def gradient_settings(config: Config) -> dict[str, Any]:
     """Everything that determines G and f0 (hashed into the stage's directory name)."""
     return {
-        "model": dataclasses.asdict(config.model),
+        "model": config.model.cache_identity(),
         "lora": dataclasses.asdict(config.lora),
         "lora_init_seed": config.seed,
         "tasks": dataclasses.asdict(config.tasks),
@@ -66,7 +67,8 @@ def stage_projector(config: Config, features: Any) -> Projector:
     """The stage's projector P for the feature leaves ``features`` (regenerated from the
     config's seed, kind and block size: the P that ``lift`` needs to map ŵ back to θ0 + P·ŵ)."""
     gc = config.gradients
-    return make_projector(features, gc.dim, seed=gc.seed, kind=gc.kind, block_rows=gc.block_rows)
+    return make_projector(features, gc.dim, seed=gc.seed, kind=gc.kind, block_rows=gc.block_rows,
+                          kernels=resolve_kernels(config.model.kernels))
 
 
 def gradients_dir(config: Config) -> Path:

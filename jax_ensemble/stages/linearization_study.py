@@ -123,7 +123,8 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
     study = config.linearization
     tasks = [load_task(t, config.tasks) for t in study.tasks] if study.tasks else load_suite(config.tasks)
     model, tokenizer = load_pretrained(
-        config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype
+        config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype,
+        kernels=config.model.kernels,
     )
     max_length = config.tasks.max_length
     train_table = table_of_splits([tokenize_split(t, "train", tokenizer, max_length) for t in tasks],

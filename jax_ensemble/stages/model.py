@@ -43,7 +43,8 @@ def load_run_model(config: Config, *, sanity_check: bool = True) -> RunModel:
     empty)."""
     start = time.perf_counter()
     model, tokenizer = load_pretrained(
-        config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype
+        config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype,
+        kernels=config.model.kernels,
     )
     load_seconds = time.perf_counter() - start
     if not sanity_check:

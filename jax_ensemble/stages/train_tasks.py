@@ -43,7 +43,8 @@ def adapter_on_tasks(config: Config, task_refs: Sequence[str] | None, out: str |
     out = Path(out)
     tasks = [load_task(ref, config.tasks) for ref in task_refs] if task_refs else load_suite(config.tasks)
     model, tokenizer = load_pretrained(
-        config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype
+        config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype,
+        kernels=config.model.kernels,
     )
     apply_lora(model, config.lora, jax.random.key(config.seed))
     graphdef, lora, base = split_lora(model)

@@ -125,7 +125,7 @@ def run_uq(config: Config, *, progress: bool = True) -> dict[str, Any]:
     """Train and evaluate every method of the module doc; return the JSON-able summary."""
     uq, training = config.uq, config.training
     model, tokenizer = load_pretrained(config.model.source, base_dtype=config.model.base_dtype,
-                                       compute_dtype=config.model.compute_dtype)
+                                       compute_dtype=config.model.compute_dtype, kernels=config.model.kernels)
     tokenize = lambda ref, split: tokenize_split(load_task(ref, config.tasks), split, tokenizer, config.tasks.max_length)
     train_table = table_of_splits([tokenize(t, "train") for t in uq.in_distribution], pad_id=tokenizer.pad_id,
                            max_length=config.tasks.max_length)
