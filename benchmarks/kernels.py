@@ -184,9 +184,8 @@ def projection_case(model: str, examples: int, repeats: int, timing: bool) -> di
 
 
 def sweep(rows: int, repeats: int) -> list[dict]:
-    """At the 8B shapes: the base kernel's time per candidate tile (forward, and transposed as
-    in the backward), and the two ways to add the LoRA term at the default tile: a rank-r
-    product in the epilogue, or an (M × N) addend computed by XLA and added in the epilogue."""
+    """At the 8B shapes: the base kernel's time per candidate tile, forward and (q_proj,
+    gate_proj) transposed as in the backward."""
     out = []
 
     def record(layer, what, fn, args, blocks=None):
@@ -198,18 +197,13 @@ def sweep(rows: int, repeats: int) -> list[dict]:
                         "error": str(e).splitlines()[0][:200]})
 
     for layer, (fan_in, fan_out) in LAYERS["llama-3.1-8b"].items():
-        x, q, s, a, b = _operands(rows, fan_in, fan_out, key=5)
+        x, q, s, _, _ = _operands(rows, fan_in, fan_out, key=5)
         dy = jax.random.normal(jax.random.key(6), (rows, fan_out), jnp.bfloat16)
         for blocks in SWEEP:
             record(layer, "forward", lambda x, q, s, blocks=blocks: matmul(x, q, s, blocks=blocks), (x, q, s), blocks)
             if layer in ("q_proj", "gate_proj"):
                 record(layer, "transposed", lambda dy, q, blocks=blocks: matmul(dy, q, transpose_w=True, blocks=blocks),
                        (dy, q), blocks)
-        record(layer, "lora epilogue: rank-r product",
-               lambda x, q, s, a, b: matmul(x, q, s, (x @ a.astype(x.dtype), b), 2.0), (x, q, s, a, b))
-        record(layer, "lora epilogue: XLA addend",
-               lambda x, q, s, a, b: matmul(x, q, s, addend=2.0 * ((x @ a.astype(x.dtype)) @ b.astype(x.dtype))),
-               (x, q, s, a, b))
     return out
 
 

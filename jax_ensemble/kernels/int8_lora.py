@@ -7,7 +7,9 @@ and ``dA`` stay in plain JAX), b = B (r, N), ``scaling`` = α/r.
 The kernel (:func:`matmul`) tiles the output in (rows × cols) blocks; each block loops over
 the reduction axis in ``depth`` slices, converting each int8 slice of q to x's dtype in
 registers (the dequantised weight is never written), accumulates in float32, then applies
-the epilogue ``acc ⊙ s + scaling·u·v`` before one store. The backward pass
+the epilogue ``acc ⊙ s + c`` before one store, with c = scaling·xa·B (M × N) computed by XLA:
+on an H200 that was 1.2–1.6× faster than a rank-r product inside the epilogue
+(``benchmarks/RESULTS.md``), which made Triton's main loop slower. The backward pass
 (``jax.custom_vjp``) reuses the same kernel with q read transposed:
 
 - dx  = (dy ⊙ s)·qᵀ                (the kernel, no scale, no low-rank term)
@@ -31,9 +33,6 @@ from jax.experimental import pallas as pl
 
 from jax_ensemble.kernels.backend import interpret, platform
 
-LORA_RANK_PAD = 16
-"""Low-rank operands are zero-padded to a multiple of this (Triton's smallest dot side)."""
-
 
 @dataclasses.dataclass(frozen=True)
 class Blocks:
@@ -53,8 +52,9 @@ def _pow2_at_least(n: int, floor: int) -> int:
 def choose_blocks(m: int, n: int, k: int, dtype: jnp.dtype, backend: str | None = None) -> Blocks:
     """Tiles for an (m × k)·(k × n) product on ``backend`` (default: the default backend's).
 
-    GPU (Triton): powers of two, 128-wide output tiles once the problem is that large, a
-    reduction slice of 64 (bfloat16) or 32 (float32), 8 warps for 128×128 tiles. TPU
+    GPU (Triton): powers of two, 128 × 128 output tiles once the problem is that large, a
+    reduction slice of 64 (bfloat16; 4 warps, 4 pipeline stages: the fastest of the tiles
+    ``benchmarks/kernels.py --sweep`` timed at the 8B shapes on an H200) or 32 (float32). TPU
     (Mosaic): 128-multiples on the lane axis, 256-deep slices. CPU runs interpreted; the
     GPU table is used so the tests exercise the same tiling."""
     backend = backend or platform()
@@ -63,9 +63,9 @@ def choose_blocks(m: int, n: int, k: int, dtype: jnp.dtype, backend: str | None 
                       depth=min(512, _pow2_at_least(k, 128)))
     rows = min(128, _pow2_at_least(m, 16))
     cols = min(128, _pow2_at_least(n, 16))
-    depth = min(64 if jnp.dtype(dtype).itemsize <= 2 else 32, _pow2_at_least(k, 16))
-    warps = 8 if rows * cols >= 128 * 128 else 4
-    return Blocks(rows=rows, cols=cols, depth=depth, num_warps=warps, num_stages=3)
+    half = jnp.dtype(dtype).itemsize <= 2
+    depth = min(64 if half else 32, _pow2_at_least(k, 16))
+    return Blocks(rows=rows, cols=cols, depth=depth, num_warps=4, num_stages=4 if half else 3)
 
 
 def _pad_to(a: jax.Array, multiples: tuple[int, ...]) -> jax.Array:
@@ -85,8 +85,8 @@ def _compiler_params(blocks, backend: str, grid_rank: int = 2):
     return None
 
 
-def _matmul_kernel(x_ref, w_ref, *refs, transpose_w: bool, depth: int, steps: int, scaling: float,
-                   has_scale: bool, has_low_rank: bool, has_addend: bool):
+def _matmul_kernel(x_ref, w_ref, *refs, transpose_w: bool, depth: int, steps: int, has_scale: bool,
+                   has_addend: bool):
     """One (rows × cols) output tile: Σ_t x[:, t]·op(w)[t, :] in float32, then the epilogue."""
     refs = list(refs)
     o_ref = refs.pop()
@@ -107,9 +107,6 @@ def _matmul_kernel(x_ref, w_ref, *refs, transpose_w: bool, depth: int, steps: in
         acc = acc * s_ref[...].astype(jnp.float32)
     if c_ref is not None:
         acc = acc + c_ref[...].astype(jnp.float32)
-    if has_low_rank:
-        u_ref, v_ref = refs
-        acc = acc + scaling * jnp.dot(u_ref[...], v_ref[...], preferred_element_type=jnp.float32)
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
@@ -117,18 +114,16 @@ def matmul(
     x: jax.Array,
     w: jax.Array,
     scale: jax.Array | None = None,
-    low_rank: tuple[jax.Array, jax.Array] | None = None,
-    scaling: float = 1.0,
-    *,
     addend: jax.Array | None = None,
+    *,
     transpose_w: bool = False,
     blocks: Blocks | None = None,
 ) -> jax.Array:
-    """``(x·op(w)) ⊙ scale + addend + scaling·u·v`` as one Pallas kernel; op(w) = w or wᵀ.
+    """``(x·op(w)) ⊙ scale + addend`` as one Pallas kernel; op(w) = w or wᵀ.
 
     x (M, R) float; w (R, C) (or (C, R) with ``transpose_w``), int8 or float, converted to
-    x's dtype slice by slice; scale (C,) or None; addend (M, C) or None; low_rank =
-    (u (M, r), v (r, C)) or None. Returns (M, C) in x's dtype, accumulated in float32."""
+    x's dtype slice by slice; scale (C,) or None; addend (M, C) or None. Returns (M, C) in
+    x's dtype, accumulated in float32."""
     m, depth_total = x.shape
     cols_total = w.shape[0] if transpose_w else w.shape[1]
     backend = platform()
@@ -149,16 +144,9 @@ def matmul(
     if addend is not None:
         operands.append(_pad_to(addend, (b.rows, b.cols)))
         in_specs.append(pl.BlockSpec((b.rows, b.cols), lambda i, j: (i, j)))
-    if low_rank is not None:
-        u, v = low_rank
-        u = _pad_to(u.astype(x.dtype), (b.rows, LORA_RANK_PAD))
-        v = _pad_to(v.astype(x.dtype), (LORA_RANK_PAD, b.cols))
-        operands += [u, v]
-        in_specs += [pl.BlockSpec((b.rows, u.shape[1]), lambda i, j: (i, 0)),
-                     pl.BlockSpec((v.shape[0], b.cols), lambda i, j: (0, j))]
     kernel = functools.partial(
-        _matmul_kernel, transpose_w=transpose_w, depth=b.depth, steps=rp // b.depth, scaling=float(scaling),
-        has_scale=scale is not None, has_low_rank=low_rank is not None, has_addend=addend is not None,
+        _matmul_kernel, transpose_w=transpose_w, depth=b.depth, steps=rp // b.depth, has_scale=scale is not None,
+        has_addend=addend is not None,
     )
     out = pl.pallas_call(
         kernel,
@@ -192,9 +180,9 @@ def int8_lora_matmul(x, q, s, xa, b, scaling: float) -> jax.Array:
 
 def _forward(x, q, s, xa, b, scaling):
     lead = x.shape[:-1]
-    low_rank = None if xa is None else (xa.reshape(-1, xa.shape[-1]), b)
-    y = matmul(x.reshape(-1, x.shape[-1]), q, s, low_rank, scaling)
-    return y.reshape(lead + (q.shape[1],))
+    x2 = x.reshape(-1, x.shape[-1])
+    low_rank = None if xa is None else (xa.reshape(-1, xa.shape[-1]) @ b.astype(x.dtype)) * scaling
+    return matmul(x2, q, s, low_rank).reshape(lead + (q.shape[1],))
 
 
 def _fwd(x, q, s, xa, b, scaling):

@@ -28,7 +28,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jax_ensemble.kernels.backend import interpret, platform
-from jax_ensemble.kernels.int8_lora import LORA_RANK_PAD, _compiler_params, _pad_to, choose_blocks, matmul
+from jax_ensemble.kernels.int8_lora import _compiler_params, _pad_to, choose_blocks, matmul
+
+LORA_RANK_PAD = 16
+"""Low-rank operands are zero-padded to a multiple of this (Triton's smallest dot side)."""
 
 
 def _multi_kernel(x_ref, q_ref, s_ref, u_ref, v_ref, *refs, depth: int, steps: int, scaling: float,
