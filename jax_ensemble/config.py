@@ -48,8 +48,9 @@ class ModelConfig:
     base_dtype: storage of the frozen base: ``int8`` (weight-only, per-output-channel
       scales, embedding per-row), ``bfloat16`` or ``float32``.
     compute_dtype: dtype of activations and matmuls.
-    kernels: ``auto`` (Pallas kernels on GPU/TPU, plain XLA on CPU), ``xla`` or ``pallas``
-      (the fused int8 + LoRA matmul and the seeded projection; on CPU interpreted, slow).
+    kernels: ``auto`` (each Pallas kernel where it was measured faster than XLA: the seeded
+      projection on GPU), ``xla`` or ``pallas`` (every kernel: the fused int8 + LoRA matmul and
+      the seeded projection; on CPU interpreted, slow).
       Changes how, not what, is computed: not part of any stage's cache key.
     """
 

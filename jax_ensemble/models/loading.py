@@ -41,5 +41,5 @@ def load_pretrained(
             raise CheckpointError(f"model directory {path} has no tokenizer.json")
         tokenizer = tokenizer_from_json(tokenizer_file, hf_config=hf_config)
     model = load_llama(config, files, base_dtype=base_dtype, compute_dtype=compute_dtype)
-    select_kernels(model, resolve_kernels(kernels))
+    select_kernels(model, resolve_kernels(kernels, "matmul"))
     return model, tokenizer

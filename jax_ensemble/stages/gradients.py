@@ -68,7 +68,7 @@ def stage_projector(config: Config, features: Any) -> Projector:
     config's seed, kind and block size: the P that ``lift`` needs to map ŵ back to θ0 + P·ŵ)."""
     gc = config.gradients
     return make_projector(features, gc.dim, seed=gc.seed, kind=gc.kind, block_rows=gc.block_rows,
-                          kernels=resolve_kernels(config.model.kernels))
+                          kernels=resolve_kernels(config.model.kernels, "projection"))
 
 
 def gradients_dir(config: Config) -> Path:
