@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 
 from jax_ensemble.errors import ConfigError
-from jax_ensemble.models.llama.params import hf_tensor_name
+from jax_ensemble.models.llama.params import hf_module_name
 from jax_ensemble.models.lora import linear_modules
 from jax_ensemble.storage.atomic import atomic_write_bytes
 
@@ -33,7 +33,7 @@ def peft_tensors(model: nnx.Module) -> tuple[dict[str, np.ndarray], dict]:
         a, b = np.asarray(layer.lora_a[...], np.float32), np.asarray(layer.lora_b[...], np.float32)
         stacked = path[0] == "layers"
         for index in range(a.shape[0]) if stacked else [None]:
-            prefix = "base_model.model." + hf_tensor_name(path, index).removesuffix(".weight")
+            prefix = "base_model.model." + hf_module_name(path, index)
             a_i, b_i = (a[index], b[index]) if stacked else (a, b)
             tensors[f"{prefix}.lora_A.weight"] = np.ascontiguousarray(a_i.T)
             tensors[f"{prefix}.lora_B.weight"] = np.ascontiguousarray(b_i.T)
