@@ -1,7 +1,8 @@
-"""Llama-family decoder (Llama 2/3, SmolLM, Mistral-style) in Flax NNX.
+"""Llama-family decoder (Llama 2/3, SmolLM, Mistral-style, Qwen2) in Flax NNX.
 
 Grouped-query attention, rotary embeddings (with the config's theta and scaling),
-RMSNorm, SwiGLU MLP, tied or separate LM head. Module names follow Hugging Face's
+RMSNorm, SwiGLU MLP, tied or separate LM head, biases on the projections the config
+names (Qwen2: q/k/v; Llama's ``attention_bias``: q/k/v/o; ``mlp_bias``: the MLP). Module names follow Hugging Face's
 ``LlamaForCausalLM`` (``layers.self_attn.q_proj`` …) so LoRA target regexes and PEFT
 export read the same. The decoder layers are stacked on a leading axis (L, …) and run
 with ``lax.scan``: one compiled layer whatever the depth.
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from jax_ensemble.errors import CheckpointError
+from jax_ensemble.models.biased_layers import BiasedLinear
 from jax_ensemble.models.decoder import (
     CausalLM,
     dropout_keys,
@@ -27,6 +29,9 @@ from jax_ensemble.models.decoder import (
     stacked_layers,
 )
 from jax_ensemble.models.layers import Embed, Linear, RMSNorm
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The linear modules of a decoder layer, by Hugging Face name."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,8 +53,12 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    biased_projections: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.biased_projections) - set(PROJECTIONS))
+        if unknown:
+            raise CheckpointError(f"model config: biased_projections {unknown} are not projections ({', '.join(PROJECTIONS)})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 f"model config: num_attention_heads={self.num_attention_heads} is not a multiple "
@@ -69,9 +78,14 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaConfig":
-        """From a Hugging Face ``config.json`` mapping (Llama/Mistral/SmolLM)."""
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise CheckpointError("model config: attention/MLP biases are not supported by the Llama decoder")
+        """From a Hugging Face ``config.json`` mapping (Llama/Mistral/SmolLM/Qwen2)."""
+        if cfg.get("use_sliding_window"):
+            raise CheckpointError("model config: sliding-window attention (use_sliding_window) is not supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"model config: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+        biased = PROJECTIONS[:3] if cfg.get("model_type") == "qwen2" else ()
+        biased = PROJECTIONS[:4] if cfg.get("attention_bias") else biased
+        biased += PROJECTIONS[4:] if cfg.get("mlp_bias") else ()
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -96,6 +110,7 @@ class LlamaConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=eos[0] if isinstance(eos, list) else eos,
                 pad_token_id=cfg.get("pad_token_id"),
+                biased_projections=biased,
             )
         except KeyError as e:
             raise CheckpointError(f"model config.json lacks the key {e.args[0]!r}") from None
@@ -172,6 +187,12 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
+def _projection(name: str, config: LlamaConfig, in_features: int, out_features: int, **kw: Any) -> Linear:
+    """The layer's ``name`` projection, with a bias where the config asks for one."""
+    layer = BiasedLinear if name in config.biased_projections else Linear
+    return layer(in_features, out_features, **kw)
+
+
 class Attention(nnx.Module):
     """Grouped-query self-attention: H query heads share H/KV key/value heads."""
 
@@ -179,10 +200,10 @@ class Attention(nnx.Module):
         d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         kw = dict(base_dtype=base_dtype, compute_dtype=compute_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
-        self.q_proj = Linear(d, h * hd, **kw)
-        self.k_proj = Linear(d, kv * hd, **kw)
-        self.v_proj = Linear(d, kv * hd, **kw)
-        self.o_proj = Linear(h * hd, d, **kw)
+        self.q_proj = _projection("q_proj", config, d, h * hd, **kw)
+        self.k_proj = _projection("k_proj", config, d, kv * hd, **kw)
+        self.v_proj = _projection("v_proj", config, d, kv * hd, **kw)
+        self.o_proj = _projection("o_proj", config, h * hd, d, **kw)
 
     def __call__(self, x, cos, sin, mask, dropout_key=None):
         """x (B, T, D), mask (B, 1, T, T) bool → (B, T, D)."""
@@ -202,9 +223,9 @@ class MLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, base_dtype: str, compute_dtype: str, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
         kw = dict(base_dtype=base_dtype, compute_dtype=compute_dtype, rngs=rngs)
-        self.gate_proj = Linear(d, f, **kw)
-        self.up_proj = Linear(d, f, **kw)
-        self.down_proj = Linear(f, d, **kw)
+        self.gate_proj = _projection("gate_proj", config, d, f, **kw)
+        self.up_proj = _projection("up_proj", config, d, f, **kw)
+        self.down_proj = _projection("down_proj", config, f, d, **kw)
 
     def __call__(self, x, dropout_key=None):
         kg, ku, kd = dropout_keys(dropout_key, 3)
