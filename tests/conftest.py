@@ -1,5 +1,5 @@
-"""Shared fixtures: tiny random models written by transformers (safetensors: Llama, Qwen2),
-and the Llama as GGUF."""
+"""Shared fixtures: tiny random models written by transformers (safetensors: Llama, Qwen2,
+GPT-2), and the Llama as GGUF."""
 
 from __future__ import annotations
 
@@ -23,6 +23,18 @@ TINY = dict(
     eos_token_id=256,
 )
 
+TINY_GPT2 = dict(
+    vocab_size=258,
+    n_embd=64,
+    n_layer=2,
+    n_head=4,
+    n_inner=96,
+    n_positions=128,
+    bos_token_id=256,
+    eos_token_id=256,
+    initializer_range=0.1,  # larger than GPT-2's 0.02, so attention is far from uniform
+)
+
 
 def byte_level_vocab() -> tuple[list[str], list[str]]:
     """256 byte-level symbols, one merged token and an end-of-text control token."""
@@ -42,6 +54,12 @@ def save_tiny_hf(
         model_type, **TINY, tie_word_embeddings=tie, rope_scaling=rope_scaling, **extra
     )
     return _save_random(config, directory, seed)
+
+
+def save_tiny_gpt2(directory: Path, *, seed: int = 0, **extra) -> Path:
+    """Save a random tiny GPT2LMHeadModel (tied head unless ``tie_word_embeddings=False``)."""
+    transformers = pytest.importorskip("transformers")
+    return _save_random(transformers.GPT2Config(**{**TINY_GPT2, **extra}), directory, seed)
 
 
 def _save_random(config, directory: Path, seed: int) -> Path:
@@ -167,6 +185,11 @@ def write_tiny_gguf(hf_dir: Path, path: Path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory) -> Path:
     return save_tiny_hf(tmp_path_factory.mktemp("tiny_hf"), tie=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    return save_tiny_gpt2(tmp_path_factory.mktemp("tiny_gpt2"))
 
 
 @pytest.fixture(scope="session")

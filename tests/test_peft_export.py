@@ -1,5 +1,5 @@
 """PEFT export: PEFT itself loads the adapter on transformers' model and gives our logits
-(Llama, Qwen2 with biased projections)."""
+(Llama, GPT-2 with its Conv1D layers, Qwen2 with biased projections)."""
 
 from __future__ import annotations
 
@@ -54,6 +54,18 @@ def test_peft_loads_our_adapter_with_equal_logits(tiny_hf_dir, tmp_path):
     assert np.abs(ref - base_logits).max() > 1e-2  # the adapter really changes the model
     assert np.abs(ours - ref).max() <= 1e-4
     assert config["target_modules"] == ["down_proj", "q_proj", "v_proj"] and config["fan_in_fan_out"] is False
+
+
+def test_peft_round_trip_on_gpt2_conv1d_layers(tiny_gpt2_dir, tmp_path):
+    """fan_in_fan_out, GPT-2 module names, and an attention-only c_proj exported so that
+    PEFT leaves its namesake in the MLP without LoRA."""
+    targets = r".*\.(c_attn|c_fc)|layers\.attn\.c_proj"
+    ours, ref, base_logits, adapted, config = _round_trip(tiny_gpt2_dir, targets, tmp_path / "a")
+    assert np.abs(ref - base_logits).max() > 1e-2
+    assert np.abs(ours - ref).max() <= 1e-4
+    assert config["fan_in_fan_out"] is True and config["target_modules"] == ["attn.c_proj", "c_attn", "c_fc"]
+    assert _adapted_modules(adapted) == {f"transformer.h.{i}.{m}" for i in range(2)
+                                         for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc")}
 
 
 def test_peft_round_trip_on_qwen2_biased_projections(tmp_path):

@@ -1,6 +1,7 @@
-"""Layers with an additive bias: :class:`BiasedLinear` (Qwen2's q/k/v projections).
+"""Layers with an additive bias: :class:`BiasedLinear` (GPT-2's Conv1D layers, Qwen2's
+q/k/v projections) and :class:`LayerNorm` (GPT-2).
 
-Biases are float32 ``nnx.Param`` whatever the base dtype (they are a
+Biases and norm parameters are float32 ``nnx.Param`` whatever the base dtype (they are a
 vanishing share of the weights). A :class:`BiasedLinear` is a
 :class:`~jax_ensemble.models.layers.Linear`, so int8 storage, LoRA (on the matrix, never
 on the bias) and PEFT export treat it as any other linear layer.
@@ -36,3 +37,19 @@ class BiasedLinear(Linear):
             b = b[:, None, :] if columns.ndim == 2 else b
         return y + b.astype(y.dtype)
 
+
+class LayerNorm(nnx.Module):
+    """``y = (x − mean(x)) / sqrt(var(x) + eps) · w + b`` over the last axis, normalised in float32."""
+
+    def __init__(self, features: int, *, eps: float, compute_dtype: str):
+        self.eps = eps
+        self.compute_dtype = compute_dtype
+        self.weight = nnx.Param(jnp.ones((features,), jnp.float32))
+        self.bias = nnx.Param(jnp.zeros((features,), jnp.float32))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x (..., D) → (..., D) in the compute dtype."""
+        x32 = x.astype(jnp.float32)
+        centered = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.eps)
+        return (normed * self.weight[...] + self.bias[...]).astype(self.compute_dtype)

@@ -32,6 +32,8 @@ from jax_ensemble.models.layers import Embed, Linear, RMSNorm
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 """The linear modules of a decoder layer, by Hugging Face name."""
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""Hugging Face ``model_type`` values this family loads."""
 
 
 @dataclasses.dataclass(frozen=True)
