@@ -1,4 +1,5 @@
-"""The Llama NNX model and its loaders against transformers' PyTorch LlamaForCausalLM."""
+"""The Llama-family NNX model and its loaders against transformers' PyTorch LlamaForCausalLM
+and Qwen2ForCausalLM."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import shutil
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import TINY, save_tiny_hf, torch_logits
+from conftest import TINY, assert_padding_either_side_matches_reference, save_tiny_hf, torch_logits
 
 from jax_ensemble.errors import CheckpointError
 from jax_ensemble.models import load_pretrained
@@ -48,19 +49,41 @@ def test_logit_parity_tied_with_rope_scaling(tmp_path, rope_scaling):
 
 def test_padding_either_side_matches_reference(tiny_hf_dir):
     """Left and right padding: logits at real tokens equal the unpadded reference."""
-    model, _ = load_pretrained(str(tiny_hf_dir))
-    ids = IDS[:1, :7]
-    ref = torch_logits(tiny_hf_dir, ids)[0]
-    pad = np.full((1, 4), 5, np.int32)
-    left = np.concatenate([pad, ids], axis=1)
-    right = np.concatenate([ids, pad], axis=1)
-    mask_left = np.concatenate([np.zeros((1, 4)), np.ones((1, 7))], axis=1).astype(np.int32)
-    mask_right = mask_left[:, ::-1].copy()
-    out_left = np.asarray(model(jnp.asarray(left), jnp.asarray(mask_left)))[0, 4:]
-    out_right = np.asarray(model(jnp.asarray(right), jnp.asarray(mask_right)))[0, :7]
-    assert np.abs(out_left - ref).max() <= 1e-4
-    assert np.abs(out_right - ref).max() <= 1e-4
-    assert np.abs(torch_logits(tiny_hf_dir, left, mask_left)[0, 4:] - ref).max() <= 1e-4
+    assert_padding_either_side_matches_reference(tiny_hf_dir, IDS[:1, :7])
+
+
+@pytest.mark.parametrize(
+    "model_type, tie, extra, biased",
+    [
+        ("qwen2", False, {}, ("q_proj", "k_proj", "v_proj")),
+        ("qwen2", True, {}, ("q_proj", "k_proj", "v_proj")),
+        ("llama", False, {"attention_bias": True, "mlp_bias": True},
+         ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")),
+    ],
+    ids=["qwen2-untied", "qwen2-tied", "llama-attention-and-mlp-bias"],
+)
+def test_logit_parity_with_projection_biases(tmp_path, model_type, tie, extra, biased):
+    """Qwen2 (q/k/v biases, GQA) and Llama's attention_bias / mlp_bias: unpadded and
+    left-padded logits equal transformers', and the int8 base stays within the bound below."""
+    directory = save_tiny_hf(tmp_path, tie=tie, model_type=model_type, seed=3, **extra)
+    model, _ = load_pretrained(str(directory))
+    assert model.config.biased_projections == biased and (model.lm_head is None) == tie
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    ref = torch_logits(directory, IDS)
+    assert np.abs(np.asarray(model(jnp.asarray(IDS))) - ref).max() <= 1e-4
+    padded = np.concatenate([np.full((2, 3), 5, np.int32), IDS], axis=1)
+    mask = np.concatenate([np.zeros((2, 3)), np.ones(IDS.shape)], axis=1).astype(np.int32)
+    assert np.abs(np.asarray(model(jnp.asarray(padded), jnp.asarray(mask)))[:, 3:] - ref).max() <= 1e-4
+    int8, _ = load_pretrained(str(directory), base_dtype="int8")
+    assert np.abs(np.asarray(int8(jnp.asarray(IDS))) - ref).max() <= 0.03 * np.abs(ref).max()
+
+
+def test_qwen2_sliding_window_is_a_clear_error(tmp_path):
+    directory = save_tiny_hf(tmp_path, tie=True, model_type="qwen2")
+    cfg = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**cfg, "use_sliding_window": True}))
+    with pytest.raises(CheckpointError, match="sliding-window attention"):
+        load_pretrained(str(directory))
 
 
 def test_requested_positions_and_token_ids(tiny_hf_dir):

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jax_ensemble.errors import ConfigError
-from jax_ensemble.models.llama.modeling import LlamaForCausalLM
+from jax_ensemble.models.decoder import CausalLM
 from jax_ensemble.models.tokenizer import Tokenizer
 
 _BUCKET = 16
@@ -24,7 +24,7 @@ class Generation:
 
 
 @nnx.jit(static_argnames=("max_new_tokens",))
-def _greedy(model: LlamaForCausalLM, buffer: jax.Array, length: jax.Array, max_new_tokens: int):
+def _greedy(model: CausalLM, buffer: jax.Array, length: jax.Array, max_new_tokens: int):
     """buffer (1, T) with the prompt in [0, length) → buffer with max_new_tokens appended."""
 
     def step(i, buf):
@@ -36,7 +36,7 @@ def _greedy(model: LlamaForCausalLM, buffer: jax.Array, length: jax.Array, max_n
     return jax.lax.fori_loop(0, max_new_tokens, step, buffer)
 
 
-def greedy_generate(model: LlamaForCausalLM, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 16) -> Generation:
+def greedy_generate(model: CausalLM, tokenizer: Tokenizer, prompt: str, max_new_tokens: int = 16) -> Generation:
     """Append ``max_new_tokens`` greedy tokens to ``prompt`` (stopping the text at EOS).
 
     The sequence buffer is padded to a multiple of 16 so prompts of similar length reuse

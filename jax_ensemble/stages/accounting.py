@@ -1,8 +1,9 @@
 """Compute and memory accounting of the main job, the way the paper reports it.
 
-Analytical FLOPs (multiply-add = 2 FLOPs) of a Llama forward pass on a padded batch:
-per token and layer 2·(D·H·Dh + 2·D·KV·Dh + H·Dh·D + 3·D·F) for the projections and
-4·H·Dh·T for attention scores and values over T positions (dense, as XLA computes it),
+Analytical FLOPs (multiply-add = 2 FLOPs) of a decoder forward pass on a padded batch:
+per token and layer 2·W for the projections, W being the family's
+``layer_matmul_weights`` (Llama: D·H·Dh + 2·D·KV·Dh + H·Dh·D + 3·D·F; GPT-2: 4·D² + 2·D·F),
+and 4·H·Dh·T for attention scores and values over T positions (dense, as XLA computes it),
 plus 2·D·K for the K label-word logits at the answer position. A LoRA training step or
 a per-example gradient costs about 2× the forward pass (the backward pass needs only
 activation gradients and the small LoRA weight gradients, never the base weights');
@@ -20,24 +21,22 @@ from typing import Any, Sequence
 
 import jax
 
-from jax_ensemble.models.llama.modeling import LlamaConfig
+from jax_ensemble.models.decoder import DecoderConfig
 
 BACKWARD_FACTOR = 2.0
 """FLOPs of forward + backward (activation gradients + LoRA gradients) over forward."""
 
 
-def forward_flops(config: LlamaConfig, rows: int, length: int, choices: int = 2) -> float:
+def forward_flops(config: DecoderConfig, rows: int, length: int, choices: int = 2) -> float:
     """FLOPs of one forward pass over ``rows`` sequences padded to ``length`` tokens,
     scoring ``choices`` label words at one position per row."""
-    d, h, kv, hd, f = (config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
-                       config.head_dim, config.intermediate_size)
-    projections = 2 * (d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f)
-    attention = 4 * h * hd * length
-    per_row = config.num_hidden_layers * length * (projections + attention) + 2 * d * choices
+    projections = 2 * config.layer_matmul_weights
+    attention = 4 * config.num_attention_heads * config.head_dim * length
+    per_row = config.num_hidden_layers * length * (projections + attention) + 2 * config.hidden_size * choices
     return float(rows * per_row)
 
 
-def table_forward_flops(config: LlamaConfig, table: dict[str, Any]) -> float:
+def table_forward_flops(config: DecoderConfig, table: dict[str, Any]) -> float:
     """Forward FLOPs of one pass over a training table (N rows padded to T)."""
     rows, length = table["input_ids"].shape
     return forward_flops(config, rows, length, table["label_token_ids"].shape[1])

@@ -17,7 +17,7 @@ layer kernel (int8/float)  (L, in, out)  (None, fsdp, tensor)
 layer scale                (L, out)      (None, tensor)
 LoRA A                     (L, in, r)    (None, fsdp, None)
 LoRA B                     (L, r, out)   (None, None, tensor)
-embedding (int8/float)     (V, D)        (tensor, fsdp)
+embedding (int8/float)     (V, D)        (tensor, fsdp)   (Llama embed_tokens; GPT-2 wte, wpe)
 embedding scale            (V,)          (tensor,)
 batch leaves               (B, ...)      ((data, fsdp),)
 anything else              any           replicated
@@ -54,8 +54,8 @@ DEFAULT_RULES: Rules = (
     (r".*layers\..*\.scale", P(None, "tensor")),
     (r".*lm_head\.kernel", P("fsdp", "tensor")),
     (r".*lm_head\.scale", P("tensor")),
-    (r".*embed_tokens\.embedding", P("tensor", "fsdp")),
-    (r".*embed_tokens\.scale", P("tensor")),
+    (r".*(embed_tokens|wte|wpe)\.embedding", P("tensor", "fsdp")),
+    (r".*(embed_tokens|wte|wpe)\.scale", P("tensor")),
     (r".*", P()),
 )
 

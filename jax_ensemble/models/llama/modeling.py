@@ -1,7 +1,8 @@
-"""Llama-family decoder (Llama 2/3, SmolLM, Mistral-style) in Flax NNX.
+"""Llama-family decoder (Llama 2/3, SmolLM, Mistral-style, Qwen2) in Flax NNX.
 
 Grouped-query attention, rotary embeddings (with the config's theta and scaling),
-RMSNorm, SwiGLU MLP, tied or separate LM head. Module names follow Hugging Face's
+RMSNorm, SwiGLU MLP, tied or separate LM head, biases on the projections the config
+names (Qwen2: q/k/v; Llama's ``attention_bias``: q/k/v/o; ``mlp_bias``: the MLP). Module names follow Hugging Face's
 ``LlamaForCausalLM`` (``layers.self_attn.q_proj`` …) so LoRA target regexes and PEFT
 export read the same. The decoder layers are stacked on a leading axis (L, …) and run
 with ``lax.scan``: one compiled layer whatever the depth.
@@ -10,7 +11,6 @@ with ``lax.scan``: one compiled layer whatever the depth.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -19,7 +19,21 @@ import numpy as np
 from flax import nnx
 
 from jax_ensemble.errors import CheckpointError
+from jax_ensemble.models.biased_layers import BiasedLinear
+from jax_ensemble.models.decoder import (
+    CausalLM,
+    dropout_keys,
+    head_logits,
+    positions_and_mask,
+    scan_layers,
+    stacked_layers,
+)
 from jax_ensemble.models.layers import Embed, Linear, RMSNorm
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+"""The linear modules of a decoder layer, by Hugging Face name."""
+MODEL_TYPES = ("llama", "mistral", "qwen2")
+"""Hugging Face ``model_type`` values this family loads."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +55,12 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_id: int | None = None
     pad_token_id: int | None = None
+    biased_projections: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        unknown = sorted(set(self.biased_projections) - set(PROJECTIONS))
+        if unknown:
+            raise CheckpointError(f"model config: biased_projections {unknown} are not projections ({', '.join(PROJECTIONS)})")
         if self.num_attention_heads % self.num_key_value_heads:
             raise CheckpointError(
                 f"model config: num_attention_heads={self.num_attention_heads} is not a multiple "
@@ -53,11 +71,23 @@ class LlamaConfig:
         if kind not in ("default", "linear", "llama3"):
             raise CheckpointError(f"model config: rope_scaling type {kind!r} is not supported (default, linear, llama3)")
 
+    @property
+    def layer_matmul_weights(self) -> int:
+        """Weights of one layer's projections: D·H·Dh + 2·D·KV·Dh + H·Dh·D + 3·D·F."""
+        d, h, kv, hd, f = (self.hidden_size, self.num_attention_heads, self.num_key_value_heads, self.head_dim,
+                           self.intermediate_size)
+        return d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f
+
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "LlamaConfig":
-        """From a Hugging Face ``config.json`` mapping (Llama/Mistral/SmolLM)."""
-        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
-            raise CheckpointError("model config: attention/MLP biases are not supported by the Llama decoder")
+        """From a Hugging Face ``config.json`` mapping (Llama/Mistral/SmolLM/Qwen2)."""
+        if cfg.get("use_sliding_window"):
+            raise CheckpointError("model config: sliding-window attention (use_sliding_window) is not supported")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"model config: hidden_act {cfg['hidden_act']!r} is not supported (only 'silu')")
+        biased = PROJECTIONS[:3] if cfg.get("model_type") == "qwen2" else ()
+        biased = PROJECTIONS[:4] if cfg.get("attention_bias") else biased
+        biased += PROJECTIONS[4:] if cfg.get("mlp_bias") else ()
         try:
             heads = int(cfg["num_attention_heads"])
             hidden = int(cfg["hidden_size"])
@@ -82,6 +112,7 @@ class LlamaConfig:
                 bos_token_id=cfg.get("bos_token_id"),
                 eos_token_id=eos[0] if isinstance(eos, list) else eos,
                 pad_token_id=cfg.get("pad_token_id"),
+                biased_projections=biased,
             )
         except KeyError as e:
             raise CheckpointError(f"model config.json lacks the key {e.args[0]!r}") from None
@@ -158,8 +189,10 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
 
 
-def _keys(key: jax.Array | None, n: int) -> list[jax.Array | None]:
-    return [None] * n if key is None else list(jax.random.split(key, n))
+def _projection(name: str, config: LlamaConfig, in_features: int, out_features: int, **kw: Any) -> Linear:
+    """The layer's ``name`` projection, with a bias where the config asks for one."""
+    layer = BiasedLinear if name in config.biased_projections else Linear
+    return layer(in_features, out_features, **kw)
 
 
 class Attention(nnx.Module):
@@ -169,15 +202,15 @@ class Attention(nnx.Module):
         d, h, kv, hd = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         kw = dict(base_dtype=base_dtype, compute_dtype=compute_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
-        self.q_proj = Linear(d, h * hd, **kw)
-        self.k_proj = Linear(d, kv * hd, **kw)
-        self.v_proj = Linear(d, kv * hd, **kw)
-        self.o_proj = Linear(h * hd, d, **kw)
+        self.q_proj = _projection("q_proj", config, d, h * hd, **kw)
+        self.k_proj = _projection("k_proj", config, d, kv * hd, **kw)
+        self.v_proj = _projection("v_proj", config, d, kv * hd, **kw)
+        self.o_proj = _projection("o_proj", config, h * hd, d, **kw)
 
     def __call__(self, x, cos, sin, mask, dropout_key=None):
         """x (B, T, D), mask (B, 1, T, T) bool → (B, T, D)."""
         b, t, _ = x.shape
-        kq, kk, kv, ko = _keys(dropout_key, 4)
+        kq, kk, kv, ko = dropout_keys(dropout_key, 4)
         q = self.q_proj(x, dropout_key=kq).reshape(b, t, self.num_heads, self.head_dim)
         k = self.k_proj(x, dropout_key=kk).reshape(b, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x, dropout_key=kv).reshape(b, t, self.num_kv_heads, self.head_dim)
@@ -192,12 +225,12 @@ class MLP(nnx.Module):
     def __init__(self, config: LlamaConfig, *, base_dtype: str, compute_dtype: str, rngs: nnx.Rngs):
         d, f = config.hidden_size, config.intermediate_size
         kw = dict(base_dtype=base_dtype, compute_dtype=compute_dtype, rngs=rngs)
-        self.gate_proj = Linear(d, f, **kw)
-        self.up_proj = Linear(d, f, **kw)
-        self.down_proj = Linear(f, d, **kw)
+        self.gate_proj = _projection("gate_proj", config, d, f, **kw)
+        self.up_proj = _projection("up_proj", config, d, f, **kw)
+        self.down_proj = _projection("down_proj", config, f, d, **kw)
 
     def __call__(self, x, dropout_key=None):
-        kg, ku, kd = _keys(dropout_key, 3)
+        kg, ku, kd = dropout_keys(dropout_key, 3)
         hidden = jax.nn.silu(self.gate_proj(x, dropout_key=kg)) * self.up_proj(x, dropout_key=ku)
         return self.down_proj(hidden, dropout_key=kd)
 
@@ -214,12 +247,12 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(config, **kw)
 
     def __call__(self, h, cos, sin, mask, dropout_key=None):
-        ka, km = _keys(dropout_key, 2)
+        ka, km = dropout_keys(dropout_key, 2)
         h = h + self.self_attn(self.input_layernorm(h), cos, sin, mask, ka)
         return h + self.mlp(self.post_attention_layernorm(h), km)
 
 
-class LlamaForCausalLM(nnx.Module):
+class LlamaForCausalLM(CausalLM):
     """The decoder with its LM head.
 
     ``base_dtype`` (``int8`` | ``bfloat16`` | ``float32``) is how frozen weights are
@@ -239,78 +272,24 @@ class LlamaForCausalLM(nnx.Module):
         self.compute_dtype = compute_dtype
         kw = dict(base_dtype=base_dtype, compute_dtype=compute_dtype)
         self.embed_tokens = Embed(config.vocab_size, config.hidden_size, **kw, rngs=rngs)
-
-        @nnx.split_rngs(splits=config.num_hidden_layers)
-        @nnx.vmap(in_axes=(0,), out_axes=0)
-        def stacked_layers(rngs: nnx.Rngs) -> DecoderLayer:
-            return DecoderLayer(config, **kw, rngs=rngs)
-
-        self.layers = stacked_layers(rngs)
+        self.layers = stacked_layers(lambda r: DecoderLayer(config, **kw, rngs=r), config.num_hidden_layers, rngs)
         self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps, compute_dtype=compute_dtype)
         self.lm_head = (
             None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, **kw, rngs=rngs)
         )
 
     def hidden_states(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        *,
-        dropout_key: jax.Array | None = None,
+        self, input_ids: jax.Array, attention_mask: jax.Array, *, dropout_key: jax.Array | None = None
     ) -> jax.Array:
         """input_ids (B, T), attention_mask (B, T) (1 = token, 0 = padding, either side)
         → final-norm hidden states (B, T, D). Positions count real tokens only."""
-        b, t = input_ids.shape
-        if attention_mask is None:
-            attention_mask = jnp.ones((b, t), jnp.bool_)
-        attention_mask = attention_mask.astype(jnp.bool_)
-        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
+        positions, mask = positions_and_mask(attention_mask)
         cos, sin = rope_cos_sin(positions, jnp.asarray(rope_inverse_frequencies(self.config)))
-        causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-        mask = causal[None, None] & attention_mask[:, None, None, :]
         h = self.embed_tokens(input_ids)
-
-        graphdef, layer_state = nnx.split(self.layers)
-        n = self.config.num_hidden_layers
-        keys = None if dropout_key is None else jax.random.split(dropout_key, n)
-
-        # Differentiated, the scan saves only matmul outputs per layer and recomputes the
-        # rest, so the float copies of an int8/bf16 base's kernels are not stacked as
-        # residuals (they would make an int8 base cost as much memory as a float32 one).
-        @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-        def one_layer(h, xs):
-            state, key = xs
-            return nnx.merge(graphdef, state)(h, cos, sin, mask, key), None
-
-        h, _ = jax.lax.scan(one_layer, h, (layer_state, keys))
+        h = scan_layers(self.layers, h, cos, sin, mask, num_layers=self.config.num_hidden_layers,
+                        dropout_key=dropout_key)
         return self.norm(h)
 
     def logits_from_hidden(self, h: jax.Array, token_ids: jax.Array | None = None) -> jax.Array:
         """h (B, P, D) → logits (B, P, V), or (B, P, K) for token_ids (K,) / (B, K)."""
-        if self.lm_head is None:
-            return self.embed_tokens.attend(h, token_ids)
-        return self.lm_head(h, columns=token_ids)
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        attention_mask: jax.Array | None = None,
-        *,
-        logit_positions: jax.Array | None = None,
-        token_ids: jax.Array | None = None,
-        dropout_key: jax.Array | None = None,
-    ) -> jax.Array:
-        """Next-token logits.
-
-        input_ids (B, T) int; attention_mask (B, T);
-        logit_positions: None (every position), (B,) or (B, P) int: only those positions;
-        token_ids: None (full vocabulary), (K,) or (B, K): only those token ids.
-        Returns (B, T|P, V|K), or (B, V|K) when logit_positions is (B,).
-        """
-        h = self.hidden_states(input_ids, attention_mask, dropout_key=dropout_key)
-        single = logit_positions is not None and logit_positions.ndim == 1
-        if logit_positions is not None:
-            pos = logit_positions[:, None] if single else logit_positions
-            h = jnp.take_along_axis(h, pos[..., None].astype(jnp.int32), axis=1)
-        logits = self.logits_from_hidden(h, token_ids)
-        return logits[:, 0] if single else logits
+        return head_logits(self.embed_tokens, self.lm_head, h, token_ids)
