@@ -54,15 +54,30 @@ def test_int8_lora_matmul_matches_xla_forward_and_gradients(dtype, shape):
     x = x.reshape(1, m, k)  # a leading batch axis, as in the model
 
     def loss(fn, x, a, b):
-        y = fn(x, q, s, x @ a.astype(dtype), b, 2.0)
+        y = fn(x, q, s, x @ a.astype(x.dtype), b, 2.0)
         return jnp.sum(jnp.sin(y.astype(jnp.float32)))
 
-    close(int8_lora_matmul(x, q, s, x @ a.astype(dtype), b, 2.0),
-          int8_lora_matmul_reference(x, q, s, x @ a.astype(dtype), b, 2.0), dtype)
-    ours = jax.grad(loss, argnums=(1, 2, 3))(int8_lora_matmul, x, a, b)
-    reference = jax.grad(loss, argnums=(1, 2, 3))(int8_lora_matmul_reference, x, a, b)
-    for g, g_ref in zip(ours, reference):
-        close(g, g_ref, dtype)
+    # truth: the reference in float32 on the same (bf16-rounded) inputs. In float32 the kernel
+    # must match it; in bfloat16 it must be no further from it than XLA's own bf16 run of the
+    # same maths (or within bf16's tolerance), output and gradients.
+    x32 = x.astype(jnp.float32)
+    truth = [int8_lora_matmul_reference(x32, q, s, x32 @ a, b, 2.0),
+             *jax.grad(loss, argnums=(1, 2, 3))(int8_lora_matmul_reference, x32, a, b)]
+    ours = [int8_lora_matmul(x, q, s, x @ a.astype(dtype), b, 2.0),
+            *jax.grad(loss, argnums=(1, 2, 3))(int8_lora_matmul, x, a, b)]
+    xla = [int8_lora_matmul_reference(x, q, s, x @ a.astype(dtype), b, 2.0),
+           *jax.grad(loss, argnums=(1, 2, 3))(int8_lora_matmul_reference, x, a, b)]
+    for mine, theirs, exact in zip(ours, xla, truth):
+        if dtype == jnp.float32:
+            close(mine, exact, dtype)
+        else:
+            assert relative_error(mine, exact) <= max(TOLERANCE[dtype], 1.25 * relative_error(theirs, exact))
+
+
+def relative_error(actual, expected) -> float:
+    actual, expected = np.asarray(actual, np.float32), np.asarray(expected, np.float32)
+    assert actual.shape == expected.shape
+    return float(np.abs(actual - expected).max() / max(1.0, float(np.abs(expected).max())))
 
 
 def test_float_base_and_no_lora_match_xla():

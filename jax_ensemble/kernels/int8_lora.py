@@ -198,7 +198,8 @@ def _bwd(scaling, residuals, dy):
     if xa is None:
         return dx, None, None, None, None
     xa2 = xa.reshape(-1, xa.shape[-1])
-    dxa = (scaling * (dy2 @ b.astype(dy.dtype).T)).astype(xa.dtype).reshape(xa.shape)
+    dxa = scaling * jnp.dot(dy2, b.astype(dy.dtype).T, preferred_element_type=jnp.float32)
+    dxa = dxa.astype(xa.dtype).reshape(xa.shape)
     db = (scaling * (xa2.astype(jnp.float32).T @ dy2.astype(jnp.float32))).astype(b.dtype)
     return dx, None, None, dxa, db
 
