@@ -128,3 +128,35 @@ def test_bad_input_is_one_clear_error(stage_config, tmp_path, capsys):
     assert main(["gradients", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert main(["gradients", f"tasks.suite={empty}", f"run_dir={tmp_path}"]) == 2
     assert capsys.readouterr().err.count("\n") == 2
+
+
+def test_stage_on_a_2x2x2_mesh_equals_one_device(stage_config, stage_dir, tmp_path):
+    """The stage with 8 fake devices (examples over data × fsdp, the int8 base split over fsdp
+    and tensor by the partition rules) writes the one-device G and f0 (float32 reductions in
+    another order: rtol 1e-5)."""
+    from test_cli import cli
+
+    from jax_ensemble.config import config_to_dict
+
+    settings = config_to_dict(stage_config)
+    settings.update(run_dir=str(tmp_path / "run"), mesh={**settings["mesh"], "data": 2, "fsdp": 2, "tensor": 2})
+    (tmp_path / "mesh.yaml").write_text(yaml.safe_dump(settings))
+    result = cli("gradients", "--config", str(tmp_path / "mesh.yaml"), "--json",
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    meshed = Path(json.loads(result.stdout.splitlines()[-1])["directory"])
+    assert meshed.name == stage_dir.name  # the mesh is not part of the stage's key
+    one, eight = load_gradients(stage_dir), load_gradients(meshed)
+    for task in one:
+        for split in one[task]:
+            np.testing.assert_array_equal(eight[task][split].labels, one[task][split].labels)
+            for field in ("grads", "f0"):
+                expected = getattr(one[task][split], field)
+                np.testing.assert_allclose(getattr(eight[task][split], field), expected, rtol=1e-5,
+                                           atol=1e-6 * np.abs(expected).max())
+    bad = {**settings, "mesh": {**settings["mesh"], "data": 8, "fsdp": 1, "tensor": 1}}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**bad, "gradients": {**settings["gradients"], "batch_size": 4}}))
+    result = cli("gradients", "--config", str(tmp_path / "bad.yaml"),
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+    assert result.returncode == 2 and "gradients.batch_size = 4 does not split over mesh" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -126,7 +126,8 @@ def resolve_strategy(
     return choose_strategy(costs, memory_budget_bytes)
 
 
-def _reverse(apply_fn: ApplyFn, params: Any, batch: Any, projector: Projector) -> tuple[jax.Array, jax.Array]:
+def _reverse(apply_fn: ApplyFn, params: Any, batch: Any, projector: Projector,
+             separate_outputs: bool = False) -> tuple[jax.Array, jax.Array]:
     def per_example(example: Any) -> tuple[jax.Array, Any]:
         single = jax.tree.map(lambda x: x[None], example)
         out, vjp = jax.vjp(lambda p: apply_fn(p, single)[0], params)
@@ -135,6 +136,8 @@ def _reverse(apply_fn: ApplyFn, params: Any, batch: Any, projector: Projector) -
         return out, jax.tree.map(lambda j: j.reshape(out.shape + j.shape[1:]), jac)
 
     outs, grads = jax.vmap(per_example)(batch)
+    if separate_outputs:  # see value_and_projected_gradients
+        outs = apply_fn(params, batch)
     return outs, project(projector, grads)
 
 
@@ -164,6 +167,7 @@ def value_and_projected_gradients(
     strategy: str = "reverse",
     direction_chunk: int = 32,
     memory_budget_bytes: float = 2**30,
+    separate_outputs: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Outputs f(x_i; θ) and per-example projected gradients Pᵀ∇θ f(x_i; θ) at ``params``,
     from one pass (the outputs come with the VJPs / the linearization).
@@ -171,7 +175,13 @@ def value_and_projected_gradients(
     apply_fn(params, batch) → (B,) or (B, *out) per-example outputs; ``batch`` a pytree
     of arrays with leading axis B; ``projector`` built for ``params``'s structure.
     Returns (f (B, *out), G (B, *out, d) float32). Call it inside ``jax.jit``
-    (``strategy`` and ``direction_chunk`` static)."""
+    (``strategy``, ``direction_chunk`` and ``separate_outputs`` static).
+
+    ``separate_outputs``: with ``reverse``, take f from its own forward pass over the batch
+    instead of from the per-example VJPs (one more forward). Use it when the batch is split
+    over several mesh axes: with JAX 0.10–0.12 on CPU, returning the VJPs' outputs beside G
+    gave wrong G on a 2×2×2 (data, fsdp, tensor) mesh with one example per device
+    (``tests/test_gradient_stage.py``), while G alone or f from its own pass was right."""
     strategy = resolve_strategy(
         strategy,
         projector=projector,
@@ -181,7 +191,7 @@ def value_and_projected_gradients(
         memory_budget_bytes=memory_budget_bytes,
     )
     if strategy == "reverse":
-        return _reverse(apply_fn, params, batch, projector)
+        return _reverse(apply_fn, params, batch, projector, separate_outputs)
     return _forward(apply_fn, params, batch, projector, direction_chunk)
 
 

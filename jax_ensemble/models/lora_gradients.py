@@ -53,7 +53,8 @@ def lora_output_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, nnx.State, nn
     return output
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "projector", "strategy", "direction_chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "projector", "strategy", "direction_chunk",
+                                             "separate_outputs"))
 def batch_gradients(
     features: nnx.State,
     fixed: nnx.State,
@@ -64,15 +65,18 @@ def batch_gradients(
     projector: Projector,
     strategy: str,
     direction_chunk: int = 32,
+    separate_outputs: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """One batch → (f0 (B,) or (B, K), G (B, d) or (B, K, d)), both float32.
 
     f0 is the output at the given LoRA state, G its projected per-example gradient with
-    respect to ``features`` (the projector must be built for ``features``)."""
+    respect to ``features`` (the projector must be built for ``features``);
+    ``separate_outputs`` as in :func:`~jax_ensemble.core.linearize.value_and_projected_gradients`."""
     output = lora_output_fn(graphdef)
     fn = lambda p, x: output(p, fixed, base_state, x)  # noqa: E731  (binds jit arguments)
     f0, grads = value_and_projected_gradients(
-        fn, features, batch, projector, strategy=strategy, direction_chunk=direction_chunk
+        fn, features, batch, projector, strategy=strategy, direction_chunk=direction_chunk,
+        separate_outputs=separate_outputs,
     )
     return f0.astype(jnp.float32), grads
 

@@ -34,6 +34,7 @@ from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata
 from jax_ensemble.stages.model import RunModel, load_run_model
 from jax_ensemble.storage.atomic import marker_path, read_verified, read_verified_json, write_verified, write_verified_json
 from jax_ensemble.storage.digests import sha256_hex, stage_dir
+from jax_ensemble.training.mesh import BATCH_AXES, check_rows_fit, make_mesh, put_batch, put_global, to_host, tree_shardings
 from jax_ensemble.training.progress import Progress
 
 GRADIENT_SPLITS = ("train", "validation")
@@ -109,6 +110,12 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     graphdef, lora_state, base_state, tokenizer = model.graphdef, model.lora0, model.base, model.tokenizer
     features, fixed, space = lora_feature_split(lora_state)
     projector = stage_projector(config, features)
+    mesh = make_mesh(config.mesh)
+    check_rows_fit(gc.batch_size, mesh, "gradients.batch_size")
+    # the base by the partition rules, the (small) LoRA features replicated or split by the same
+    # rules, each batch's examples over (data, fsdp); G comes back gathered on the host
+    base_state, features, fixed = (put_global(t, tree_shardings(t, mesh)) for t in (base_state, features, fixed))
+    split_batch = sum(mesh.shape[a] > 1 for a in BATCH_AXES) > 1  # examples over two mesh axes
     output = lora_output_fn(graphdef)
     max_length = config.tasks.max_length
     shard_rows = -(-gc.shard_examples // gc.batch_size) * gc.batch_size
@@ -151,11 +158,12 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
                     direction_chunk=gc.direction_chunk,
                     memory_budget_bytes=gc.memory_budget_mb * 2**20,
                 )
-            bf0, bg = batch_gradients(features, fixed, base_state, batch, graphdef=graphdef, projector=projector,
-                                      strategy=strategies[t], direction_chunk=gc.direction_chunk)
+            bf0, bg = to_host(batch_gradients(features, fixed, base_state, put_batch(batch, mesh), graphdef=graphdef,
+                                              projector=projector, strategy=strategies[t],
+                                              direction_chunk=gc.direction_chunk, separate_outputs=split_batch))
             real = index >= 0
-            f0[index[real]] = np.asarray(bf0)[real]
-            grads[index[real]] = np.asarray(bg)[real]
+            f0[index[real]] = bf0[real]
+            grads[index[real]] = bg[real]
             bar.update(1)
         _check_finite(grads, f0, task.name, split, rows)
         data = _shard_bytes(grads, f0, sub.labels.astype(np.int32), rows)

@@ -47,6 +47,7 @@ from jax_ensemble.training.mesh import (
     Rules,
     batch_sharding,
     check_batch_fits,
+    put_batch,
     put_global,
     tree_shardings,
 )
@@ -207,8 +208,7 @@ class Evaluator:
         lora = put_global(lora, tree_shardings(lora, self.mesh, self.rules, leading=int(self.stacked)))
         totals: dict[str, Any] = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
         for batch, _ in eval_batches(table, self.batch_size):
-            shardings = {k: batch_sharding(self.mesh, v.ndim) for k, v in batch.items()}
-            sums = self.step(lora, self.base, put_global(batch, shardings))
+            sums = self.step(lora, self.base, put_batch(batch, self.mesh))
             for k, v in jax.device_get(sums).items():
                 totals[k] = totals[k] + np.asarray(v, np.float64)
         weight = np.maximum(totals["weight_sum"], 1e-12)

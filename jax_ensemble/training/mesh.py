@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -162,6 +162,19 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, prefix: 
 def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
     """Sharding of a batch leaf: axis ``leading`` split over (data, fsdp), the rest replicated."""
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1))))
+
+
+def put_batch(batch: Mapping[str, Any], mesh: Mesh, leading: int = 0) -> dict[str, jax.Array]:
+    """A host batch as global arrays, examples (axis ``leading``) split over (data, fsdp)."""
+    return put_global(dict(batch), {k: batch_sharding(mesh, np.ndim(v), leading) for k, v in batch.items()})
+
+
+def check_rows_fit(batch_size: int, mesh: Mesh, what: str) -> None:
+    """ConfigError unless ``batch_size`` rows split evenly over the mesh's data axes."""
+    ways = math.prod(mesh.shape[a] for a in BATCH_AXES)
+    if batch_size % ways:
+        raise ConfigError(f"{what} = {batch_size} does not split over mesh data x fsdp = {ways} devices; "
+                          f"use a multiple of {ways}")
 
 
 def put_global(tree: Any, shardings: Any) -> Any:
