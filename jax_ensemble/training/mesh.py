@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
@@ -142,6 +142,13 @@ def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules =
         size = math.prod(mesh.shape[a] for a in names)
         fitted.append(axes if names and dim % size == 0 else None)
     return P(*fitted)
+
+
+def leaf_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable[[str, tuple[int, ...]], NamedSharding]:
+    """(dotted name, shape) → the array's :class:`NamedSharding` under ``rules``: what
+    ``models.loading.load_pretrained(..., sharding=...)`` loads the base straight into
+    (the layout :func:`tree_shardings` gives the same base, so :func:`put_global` keeps it)."""
+    return lambda name, shape: NamedSharding(mesh, partition_spec(name, shape, mesh, rules))
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, prefix: str = "", leading: int = 0) -> Any:
