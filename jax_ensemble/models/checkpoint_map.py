@@ -19,6 +19,7 @@ device or host ever holds the whole model; the values equal the plain load's exa
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Protocol, TypeVar
 
 import jax
@@ -166,6 +167,11 @@ def fill_from_checkpoint(
     return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 
 
+CHUNK_BYTES = 64 * 2**20
+"""The sharded load reads and quantizes a tensor in blocks of at most this many float32
+bytes (whole along the reduced axis: at least one output channel or embedding row)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class _Target:
     """One output array of a leaf (its values, or its int8 scales) under its sharding.
@@ -176,16 +182,27 @@ class _Target:
 
     path: tuple[str, ...]
     shape: tuple[int, ...]
+    dtype: np.dtype
     sharding: jax.sharding.Sharding
     blocks: dict[jax.Device, tuple[range, Index]]
     dropped_axis: int | None
+    in_layers: bool
 
-    def part(self, array: np.ndarray, box: Index, region: Index) -> np.ndarray:
-        """The block ``box`` of ``array``, this target's values over the tensor block ``region``."""
-        local = tuple(slice(b.start - r.start, b.stop - r.start) for b, r in zip(box, region))
-        if self.dropped_axis is not None:
-            local = local[:self.dropped_axis] + local[self.dropped_axis + 1:]
-        return np.ascontiguousarray(array[local])
+    def _drop(self, index: tuple) -> tuple:
+        axis = self.dropped_axis
+        return index if axis is None else index[:axis] + index[axis + 1:]
+
+    def part(self, array: np.ndarray, cut: Index, chunk: Index) -> np.ndarray:
+        """The tensor block ``cut`` of ``array`` (this target's values over the block
+        ``chunk``), with a leading layer axis of 1 for a stacked leaf."""
+        part = array[self._drop(tuple(slice(c.start - r.start, c.stop - r.start) for c, r in zip(cut, chunk)))]
+        return np.ascontiguousarray(part[None] if self.in_layers else part)
+
+    def offset(self, cut: Index, box: Index, layer: int) -> tuple[int, ...]:
+        """Where the tensor block ``cut`` of a device's block ``box`` of ``layer`` (its
+        position in the shard's layers) starts in the device's shard."""
+        within = self._drop(tuple(c.start - b.start for c, b in zip(cut, box)))
+        return ((layer,) if self.in_layers else ()) + within
 
 
 def _target(path: tuple[str, ...], leaf: _Leaf, num_layers: int, sharding: LeafSharding,
@@ -201,42 +218,68 @@ def _target(path: tuple[str, ...], leaf: _Leaf, num_layers: int, sharding: LeafS
         if dropped_axis is not None:
             box = box[:dropped_axis] + (slice(0, leaf.shape[dropped_axis]),) + box[dropped_axis:]
         blocks[device] = (layers, box)
-    return _Target(path, shape, placed, blocks, dropped_axis)
+    dtype = np.dtype(np.float32) if dropped_axis is not None else leaf.dtype
+    return _Target(path, shape, dtype, placed, blocks, dropped_axis, leaf.in_layers)
+
+
+def _chunks(region: Index, leaf: _Leaf) -> list[Index]:
+    """``region`` of a 2-D tensor cut along its non-reduced axis into blocks of at most
+    :data:`CHUNK_BYTES` float32 bytes (at least one line); other tensors whole."""
+    if len(leaf.shape) != 2:
+        return [region]
+    axis = 1 - leaf.reduce_axis
+    span = region[axis]
+    step = max(1, CHUNK_BYTES // (4 * (region[leaf.reduce_axis].stop - region[leaf.reduce_axis].start)))
+    return [tuple(slice(i, min(i + step, span.stop)) if a == axis else r for a, r in enumerate(region))
+            for i in range(span.start, span.stop, step)]
+
+
+def _intersection(a: Index, b: Index) -> Index | None:
+    cut = tuple(slice(max(x.start, y.start), min(x.stop, y.stop)) for x, y in zip(a, b))
+    return None if any(c.start >= c.stop for c in cut) else cut
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _put_block(shard: jax.Array, part: jax.Array, offset: tuple[jax.Array, ...]) -> jax.Array:
+    """``shard`` with ``part`` written at ``offset``, in place."""
+    return jax.lax.dynamic_update_slice(shard, part, offset)
 
 
 def _sharded_leaf(leaf: _Leaf, source: TensorSource, names: list[str],
                   sharding: LeafSharding) -> dict[tuple, jax.Array]:
     """The leaf (and its scales) as global arrays laid out by ``sharding``.
 
-    Layer by layer (``names[layer]``), this process reads one block of the tensor: the
-    bounding box of its devices' blocks, whole along ``reduce_axis`` for an int8 leaf (an
-    output channel's scale is the max over the whole input axis, so q and scale equal
-    the plain load's). It quantizes the block and puts each device's part on that
-    device; a device's shard is the stack of its layers, built on the device. The host
-    holds at most one tensor (float32) and its int8 copy at a time; a device holds its
-    shard of this leaf and, while stacking, its per-layer parts."""
+    Each device's shard is allocated on it, then filled in place. Layer by layer
+    (``names[layer]``), this process reads the bounding box of its devices' blocks of
+    the tensor, whole along ``reduce_axis`` for an int8 leaf (an output channel's scale
+    is the max over the whole input axis, so q and scale equal the plain load's), in
+    chunks (:func:`_chunks`); it quantizes each chunk and writes each device's part of
+    it into that device's shard. The host holds one chunk (float32), one temporary and
+    its int8 copy at a time; a device, its shards of this leaf and one part."""
     targets = [_target(leaf.path, leaf, len(names), sharding)]
     if leaf.quantized:
         targets.append(_target(leaf.scale_path, leaf, len(names), sharding, dropped_axis=leaf.reduce_axis))
-    parts: list[dict[jax.Device, list[jax.Array]]] = [{d: [] for d in t.blocks} for t in targets]
+    shards = [{d: jnp.zeros(t.sharding.shard_shape(t.shape), t.dtype, device=d) for d in t.blocks} for t in targets]
     for layer, name in enumerate(names):
-        held = [(k, device, box) for k, t in enumerate(targets)
+        held = [(k, device, layers, box) for k, t in enumerate(targets)
                 for device, (layers, box) in t.blocks.items() if layer in layers]
         region = tuple(
             slice(0, n) if leaf.quantized and axis == leaf.reduce_axis
-            else slice(min(box[axis].start for _, _, box in held), max(box[axis].stop for _, _, box in held))
+            else slice(min(box[axis].start for *_, box in held), max(box[axis].stop for *_, box in held))
             for axis, n in enumerate(leaf.shape)
         )
         _check_shape(name, source.shape(name), leaf.shape, leaf.transpose)
-        block = source.get_slice(name, region[::-1] if leaf.transpose else region)
-        block = block.T if leaf.transpose else block
-        arrays = quantize_int8(block, leaf.reduce_axis) if leaf.quantized else (block.astype(leaf.dtype),)
-        del block
-        for k, device, box in held:
-            parts[k][device].append(jax.device_put(targets[k].part(arrays[k], box, region), device))
-        del arrays
-    out = {}
-    for target, pieces in zip(targets, parts):
-        shards = [jnp.stack(pieces.pop(d)) if leaf.in_layers else pieces.pop(d)[0] for d in target.blocks]
-        out[target.path] = jax.make_array_from_single_device_arrays(target.shape, target.sharding, shards)
-    return out
+        for chunk in _chunks(region, leaf):
+            block = source.get_slice(name, chunk[::-1] if leaf.transpose else chunk)
+            block = block.T if leaf.transpose else block
+            arrays = quantize_int8(block, leaf.reduce_axis) if leaf.quantized else (block.astype(leaf.dtype),)
+            del block
+            for k, device, layers, box in held:
+                cut = _intersection(box, chunk)
+                if cut is not None:
+                    part = jax.device_put(targets[k].part(arrays[k], cut, chunk), device)
+                    offset = targets[k].offset(cut, box, layer - layers.start)
+                    shards[k][device] = _put_block(shards[k][device], part, offset)
+            del arrays
+    return {t.path: jax.make_array_from_single_device_arrays(t.shape, t.sharding, [by_device[d] for d in t.blocks])
+            for t, by_device in zip(targets, shards)}
