@@ -52,12 +52,13 @@ def _assert_shards_equal_plain(plain: dict[str, np.ndarray], dumps: list[tuple[d
         assert covered.all(), key
 
 
-# name, checkpoint fixture, base dtype, mesh (data, fsdp, tensor)
+# name, checkpoint fixture, base dtype, mesh (data, fsdp, tensor), bytes read at once (None: the default)
 CASES = [
-    ("llama-int8-2x2x2", "tiny_hf_dir", "int8", (2, 2, 2)),
-    ("llama-bfloat16-1x2x4", "tiny_hf_dir", "bfloat16", (1, 2, 4)),
-    ("gguf-int8-1x2x4", "tiny_gguf", "int8", (1, 2, 4)),  # K's 2 heads' rows over tensor=4: half a head each
-    ("gpt2-int8-2x2x2", "tiny_gpt2_dir", "int8", (2, 2, 2)),
+    ("llama-int8-2x2x2", "tiny_hf_dir", "int8", (2, 2, 2), None),
+    ("llama-int8-2x2x2-chunked", "tiny_hf_dir", "int8", (2, 2, 2), 1000),  # 3 lines a block: across device blocks
+    ("llama-bfloat16-1x2x4", "tiny_hf_dir", "bfloat16", (1, 2, 4), None),
+    ("gguf-int8-1x2x4", "tiny_gguf", "int8", (1, 2, 4), 1000),  # K's 2 heads' rows over tensor=4: half a head each
+    ("gpt2-int8-2x2x2", "tiny_gpt2_dir", "int8", (2, 2, 2), None),
 ]
 
 
@@ -65,13 +66,14 @@ CASES = [
 def sharded(request, tmp_path_factory):
     out = tmp_path_factory.mktemp("sharded_loading")
     checkpoints = {case[1]: str(request.getfixturevalue(case[1])) for case in CASES}
-    cases = [[name, checkpoints[fixture], dtype, list(axes)] for name, fixture, dtype, axes in CASES]
+    cases = [[name, checkpoints[fixture], dtype, list(axes), chunk] for name, fixture, dtype, axes, chunk in CASES]
     finish(spawn("loading", str(out), json.dumps(cases), devices=8))
     return out
 
 
-@pytest.mark.parametrize("name,fixture,base_dtype,axes", CASES, ids=[c[0] for c in CASES])
-def test_sharded_load_equals_the_plain_load_leaf_by_leaf(sharded, request, name, fixture, base_dtype, axes):
+@pytest.mark.parametrize("name,fixture,base_dtype,axes,chunk_bytes", CASES, ids=[c[0] for c in CASES])
+def test_sharded_load_equals_the_plain_load_leaf_by_leaf(sharded, request, name, fixture, base_dtype, axes,
+                                                         chunk_bytes):
     layout, data = _shards(sharded, name)
     _assert_shards_equal_plain(_plain(request.getfixturevalue(fixture), base_dtype), [(layout, data)])
     # every device of the mesh holds a shard of every variable, and nothing is left on one device

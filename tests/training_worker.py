@@ -27,6 +27,7 @@ from flax import nnx
 from tiny_training import synthetic_table, tiny_split
 
 from jax_ensemble.cli import configure_logging
+from jax_ensemble.models import checkpoint_map
 from jax_ensemble.models.checkpoint_files import SafetensorsFiles
 from jax_ensemble.models.llama.modeling import LlamaConfig
 from jax_ensemble.models.llama.params import load_llama
@@ -160,9 +161,12 @@ def dump_shards(model, out: Path, name: str) -> None:
 
 
 def loading(out: Path, cases: str) -> None:
-    """Each case ``[name, checkpoint, base_dtype, [data, fsdp, tensor]]`` of the JSON list
-    ``cases`` loaded straight into that mesh's shardings, its shards dumped as ``name``."""
-    for name, checkpoint, base_dtype, axes in json.loads(cases):
+    """Each case ``[name, checkpoint, base_dtype, [data, fsdp, tensor], chunk_bytes]`` of
+    the JSON list ``cases`` loaded straight into that mesh's shardings, reading blocks of
+    at most ``chunk_bytes`` (null: the default), its shards dumped as ``name``."""
+    default = checkpoint_map.CHUNK_BYTES
+    for name, checkpoint, base_dtype, axes, chunk_bytes in json.loads(cases):
+        checkpoint_map.CHUNK_BYTES = chunk_bytes or default
         mesh = make_mesh(MeshConfig(*axes))
         model, _ = load_pretrained(checkpoint, base_dtype=base_dtype, sharding=leaf_sharding(mesh))
         dump_shards(model, out, name)
