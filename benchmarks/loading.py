@@ -14,11 +14,13 @@ fresh process with 8 fake CPU devices and a ``mesh.fsdp=8`` mesh (the paper conf
   keep their proportion to the tensors;
 - ``runtime``: the JAX runtime with 8 devices and no model, the floor under both.
 
-Peak RSS is ``ru_maxrss``. On CPU the devices' buffers are host memory too, so each row
-also reports the bytes the 8 devices hold at the end (``resident_bytes``) and the peak's
-excess over the runtime floor and those buffers (``transient_bytes``): what loading
-needed beyond the placed model. Both ways map the safetensors file; pages they touch
-count in RSS.
+Memory is read from Linux's ``/proc/self/status``: the peak RSS (``VmHWM``) and the peak
+of the anonymous part (``RssAnon``, sampled every millisecond while loading). Both ways
+map the safetensors file, and the file pages they touch count in RSS but not in
+``RssAnon``, so the anonymous figures are what loading allocates. On CPU the devices'
+buffers are host memory too, so each row also reports the bytes the 8 devices hold at
+the end (``resident_bytes``) and the anonymous peak's excess over the runtime floor and
+those buffers (``transient_bytes``): what loading needed beyond the placed model.
 
     python benchmarks/loading.py [--scale 8] [--dir DIR] [--json]
 """
@@ -28,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -73,14 +74,20 @@ def write_checkpoint(directory: Path, config: dict) -> int:
     return (directory / "model.safetensors").stat().st_size
 
 
+def _status_bytes(field: str) -> int:
+    """A memory field of Linux's ``/proc/self/status`` in bytes."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
 def _peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident memory (``VmHWM``; unlike ``ru_maxrss`` not inherited from the parent)."""
+    return _status_bytes("VmHWM")
 
 
 def _anon_rss_bytes() -> int:
-    """This process's anonymous resident memory (Linux ``RssAnon``: not file pages)."""
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("RssAnon:"))
+    """This process's anonymous resident memory (``RssAnon``: not file pages)."""
+    return _status_bytes("RssAnon")
 
 
 class AnonPeak(threading.Thread):
@@ -166,9 +173,9 @@ def main() -> None:
         else:
             file_bytes = write_checkpoint(directory, config)
         rows = {kind: _child(kind, directory, args.scale) for kind in ("runtime", "plain", "sharded")}
-    floor = rows["runtime"]["peak_rss_bytes"]
+    floor = rows["runtime"]["peak_anon_bytes"]
     for kind in ("plain", "sharded"):
-        rows[kind]["transient_bytes"] = rows[kind]["peak_rss_bytes"] - floor - rows[kind]["resident_bytes"]
+        rows[kind]["transient_bytes"] = rows[kind]["peak_anon_bytes"] - floor - rows[kind]["resident_bytes"]
     summary = {
         "scale": args.scale,
         "config": {k: config[k] for k in LLAMA_31_8B},
@@ -177,6 +184,7 @@ def main() -> None:
         "mesh": {"data": 1, "fsdp": DEVICES, "tensor": 1},
         "results": rows,
         "sharded_over_plain_peak_rss": rows["sharded"]["peak_rss_bytes"] / rows["plain"]["peak_rss_bytes"],
+        "sharded_over_plain_peak_anon": rows["sharded"]["peak_anon_bytes"] / rows["plain"]["peak_anon_bytes"],
         "sharded_over_plain_transient": rows["sharded"]["transient_bytes"] / rows["plain"]["transient_bytes"],
     }
     if args.json:
@@ -185,12 +193,14 @@ def main() -> None:
     mib = 2**20
     print(f"Llama-3.1-8B / {args.scale} (real proportions): checkpoint {file_bytes / mib:.0f} MiB (bfloat16), "
           f"int8 model {rows['sharded']['model_bytes'] / mib:.0f} MiB, {DEVICES} CPU devices, mesh fsdp={DEVICES}")
-    print(f"{'load':<9} {'peak RSS MiB':>13} {'on devices MiB':>15} {'transient MiB':>14} {'seconds':>8}")
+    print(f"{'load':<9} {'peak RSS MiB':>13} {'peak anon MiB':>14} {'on devices MiB':>15} {'transient MiB':>14} "
+          f"{'seconds':>8}")
     for kind, row in rows.items():
         transient = row.get("transient_bytes")
-        print(f"{kind:<9} {row['peak_rss_bytes'] / mib:>13.0f} {row['resident_bytes'] / mib:>15.0f} "
-              f"{'' if transient is None else f'{transient / mib:.0f}':>14} {row['seconds']:>8.2f}")
-    for key in ("sharded_over_plain_peak_rss", "sharded_over_plain_transient"):
+        print(f"{kind:<9} {row['peak_rss_bytes'] / mib:>13.0f} {row['peak_anon_bytes'] / mib:>14.0f} "
+              f"{row['resident_bytes'] / mib:>15.0f} {'' if transient is None else f'{transient / mib:.0f}':>14} "
+              f"{row['seconds']:>8.2f}")
+    for key in ("sharded_over_plain_peak_rss", "sharded_over_plain_peak_anon", "sharded_over_plain_transient"):
         print(f"{key}: {summary[key]:.3f}")
 
 
