@@ -25,7 +25,9 @@ anything else              any           replicated
 
 Multi-host: :func:`initialize_distributed` joins the processes (one per host) before any
 other JAX call; arrays are then assembled from host data with
-:func:`put_global`, each process supplying only its addressable shards.
+:func:`put_global`, each process supplying only its addressable shards. The frozen base
+is loaded straight into its shardings instead (:func:`leaf_sharding` handed to
+``models.loading.load_pretrained``), each process reading only its devices' blocks.
 """
 
 from __future__ import annotations
