@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -18,18 +17,12 @@ import pytest
 from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 from tiny_training import assert_tensorboard_matches_jsonl
-from training_worker import SHORT, run, spawn
+from training_worker import SHORT, finish, run, spawn
 
 from jax_ensemble.errors import ConfigError
 from jax_ensemble.training.checkpoints import flatten
 from jax_ensemble.training.mesh import AXES, make_mesh, partition_spec
 from jax_ensemble.training.settings import MeshConfig, TrainingConfig, check_batch_divisible
-
-
-def finish(process: subprocess.Popen, timeout: float = 300) -> str:
-    output, _ = process.communicate(timeout=timeout)
-    assert process.returncode == 0, output[-3000:]
-    return output
 
 
 def test_partition_rules_cover_int8_base_lora_optimizer_state_and_batches():

@@ -3,10 +3,14 @@
 ``python training_worker.py meshes OUT``: 8 fake devices (XLA_FLAGS set by the caller).
 ``python training_worker.py distributed OUT PORT PROCESS_ID``: one of two processes.
 ``python training_worker.py train RUN_DIR``: a long single-device run with checkpoints.
-Each writes its results under OUT / RUN_DIR (npz adapters, JSON losses)."""
+``python training_worker.py loading OUT CASES``: checkpoints loaded into a mesh's shardings.
+``python training_worker.py distributed-loading OUT PORT PROCESS_ID CHECKPOINT``: the same,
+as one of two processes, counting what it reads.
+Each writes its results under OUT / RUN_DIR (npz adapters or shards, JSON losses or layouts)."""
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -17,14 +21,28 @@ import tempfile
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tiny_training import synthetic_table, tiny_split
 
 from jax_ensemble.cli import configure_logging
+from jax_ensemble.models import checkpoint_map
+from jax_ensemble.models.checkpoint_files import SafetensorsFiles
+from jax_ensemble.models.llama.modeling import LlamaConfig
+from jax_ensemble.models.llama.params import load_llama
+from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.training.checkpoints import flatten, load_state
 from jax_ensemble.training.engine import init_state, make_optimizer, train
 from jax_ensemble.training.losses import classification_objective
-from jax_ensemble.training.mesh import initialize_distributed, make_mesh, put_global, to_host, tree_shardings
+from jax_ensemble.training.mesh import (
+    initialize_distributed,
+    leaf_sharding,
+    make_mesh,
+    put_global,
+    to_host,
+    tree_shardings,
+)
 from jax_ensemble.training.settings import MeshConfig, TrainingConfig
 
 SHORT = TrainingConfig(learning_rate=1e-2, warmup_steps=2, max_steps=8, batch_size=16, grad_accum_steps=2,
@@ -46,6 +64,13 @@ def spawn(*args: str, devices: int) -> subprocess.Popen:
     )
     return subprocess.Popen([sys.executable, __file__, *args], cwd=Path(__file__).parent, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> str:
+    """The output of a spawned worker, which must exit with status 0."""
+    output, _ = process.communicate(timeout=timeout)
+    assert process.returncode == 0, output[-3000:]
+    return output
 
 
 def run(config: TrainingConfig, mesh, run_dir=None, dropout: float = 0.0):
@@ -119,6 +144,80 @@ def distributed(out: Path, port: int, process_id: int) -> None:
         (out / "distributed.json").write_text(json.dumps([r["loss"] for r in result.history]))
 
 
+def dump_shards(model, out: Path, name: str) -> None:
+    """This process's addressable shards of every variable of ``model``: ``out/<name>.npz``
+    (``<variable>@<device id>`` → the shard, bfloat16 as float32) and ``out/<name>.json``
+    (variable → global shape, spec and, per device id, the shard's index as [start, stop] pairs)."""
+    data, layout = {}, {}
+    for path, var in nnx.to_flat_state(nnx.state(model)):
+        array, key = var[...], ".".join(map(str, path))
+        layout[key] = {"shape": list(array.shape), "spec": list(array.sharding.spec), "shards": {}}
+        for shard in array.addressable_shards:
+            block = np.asarray(shard.data)
+            data[f"{key}@{shard.device.id}"] = block.astype(np.float32) if array.dtype == jnp.bfloat16 else block
+            layout[key]["shards"][shard.device.id] = [s.indices(n)[:2] for s, n in zip(shard.index, array.shape)]
+    np.savez(out / f"{name}.npz", **data)
+    (out / f"{name}.json").write_text(json.dumps(layout))
+
+
+def loading(out: Path, cases: str) -> None:
+    """Each case ``[name, checkpoint, base_dtype, [data, fsdp, tensor], chunk_bytes]`` of
+    the JSON list ``cases`` loaded straight into that mesh's shardings, reading blocks of
+    at most ``chunk_bytes`` (null: the default), its shards dumped as ``name``."""
+    default = checkpoint_map.CHUNK_BYTES
+    for name, checkpoint, base_dtype, axes, chunk_bytes in json.loads(cases):
+        checkpoint_map.CHUNK_BYTES = chunk_bytes or default
+        mesh = make_mesh(MeshConfig(*axes))
+        model, _ = load_pretrained(checkpoint, base_dtype=base_dtype, sharding=leaf_sharding(mesh))
+        dump_shards(model, out, name)
+
+
+class CountingSource:
+    """A checkpoint's tensors, counting how many elements of each are read."""
+
+    def __init__(self, source):
+        self.source, self.read = source, collections.Counter()
+
+    def names(self):
+        return self.source.names()
+
+    def shape(self, name):
+        return self.source.shape(name)
+
+    def get(self, name):
+        block = self.source.get(name)
+        self.read[name] += block.size
+        return block
+
+    def get_slice(self, name, index):
+        block = self.source.get_slice(name, index)
+        self.read[name] += block.size
+        return block
+
+
+DISTRIBUTED_LOADS = {
+    # name: base dtype, mesh (data, fsdp, tensor), the fraction of each layer matrix a process reads
+    "int8-1x1x8": ("int8", (1, 1, 8), 0.5),  # out channels split between the processes
+    "int8-1x8x1": ("int8", (1, 8, 1), 1.0),  # in channels split, but the int8 scales need whole rows
+    "float32-1x8x1": ("float32", (1, 8, 1), 0.5),  # in channels split
+}
+
+
+def distributed_loading(out: Path, port: int, process_id: int, checkpoint: Path) -> None:
+    """One of two processes (4 devices each) loading the tiny Llama into an 8-device mesh
+    spanning both, as each case of :data:`DISTRIBUTED_LOADS`; dumps its shards and the
+    elements it read per tensor."""
+    initialize_distributed(MeshConfig(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
+                                      process_id=process_id))
+    assert jax.process_count() == 2 and len(jax.devices()) == 8
+    config = LlamaConfig.from_hf_config(json.loads((checkpoint / "config.json").read_text()))
+    for name, (base_dtype, axes, _) in DISTRIBUTED_LOADS.items():
+        source = CountingSource(SafetensorsFiles(checkpoint))
+        model = load_llama(config, source, base_dtype=base_dtype, sharding=leaf_sharding(make_mesh(MeshConfig(*axes))))
+        dump_shards(model, out, f"{name}-{process_id}")
+        (out / f"{name}-{process_id}-read.json").write_text(json.dumps(source.read))
+
+
 def long_run(run_dir: Path) -> None:
     """A long run with LoRA dropout; writes final.npz when it completes."""
     result = run(LONG, make_mesh(MeshConfig(data=1)), run_dir=run_dir, dropout=0.1)
@@ -131,5 +230,9 @@ if __name__ == "__main__":
         meshes(target)
     elif mode == "distributed":
         distributed(target, int(sys.argv[3]), int(sys.argv[4]))
+    elif mode == "loading":
+        loading(target, sys.argv[3])
+    elif mode == "distributed-loading":
+        distributed_loading(target, int(sys.argv[3]), int(sys.argv[4]), Path(sys.argv[5]))
     else:
         long_run(target)

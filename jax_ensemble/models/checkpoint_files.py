@@ -1,7 +1,11 @@
 """Read pretrained weights from safe formats into numpy, under Hugging Face tensor names.
 
-Two readers share one interface, ``names() -> set[str]`` and ``get(name) -> np.ndarray``
-(float32, Hugging Face layout: linear weights (out, in)):
+Two readers share one interface (:class:`~jax_ensemble.models.checkpoint_map.TensorSource`):
+``names() -> set[str]``, ``shape(name)``, ``get(name) -> np.ndarray`` and
+``get_slice(name, index) -> np.ndarray`` (float32, Hugging Face layout: linear weights
+(out, in); ``index`` one contiguous ``slice`` per dimension). ``get_slice`` reads only
+that block from disk (safetensors' lazy ``get_slice``; GGUF's memory map, whole rows of
+quantized blocks):
 
 - :class:`SafetensorsFiles`: a Hugging Face directory (``model.safetensors`` or a sharded
   ``model.safetensors.index.json``);
@@ -57,11 +61,26 @@ class SafetensorsFiles:
     def names(self) -> set[str]:
         return set(self._handles)
 
-    def get(self, name: str) -> np.ndarray:
+    def _handle(self, name: str) -> Any:
         try:
-            return np.asarray(self._handles[name].get_tensor(name), dtype=np.float32)
+            return self._handles[name]
         except KeyError:
             raise CheckpointError(f"checkpoint in {self._directory} lacks the tensor {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._handle(name).get_slice(name).get_shape())
+
+    def get(self, name: str) -> np.ndarray:
+        handle = self._handle(name)
+        try:
+            return np.asarray(handle.get_tensor(name), dtype=np.float32)
+        except Exception as e:
+            raise CheckpointError(f"tensor {name!r} in {self._directory} cannot be read: {e}") from None
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        handle = self._handle(name)
+        try:
+            return np.asarray(handle.get_slice(name)[index], dtype=np.float32)
         except Exception as e:
             raise CheckpointError(f"tensor {name!r} in {self._directory} cannot be read: {e}") from None
 
@@ -123,21 +142,42 @@ class GGUFFile:
     def names(self) -> set[str]:
         return set(self._tensors)
 
-    def get(self, name: str) -> np.ndarray:
-        import gguf
-
+    def _tensor(self, name: str) -> Any:
         tensor = self._tensors.get(name)
         if tensor is None:
             raise CheckpointError(f"GGUF file {self.path} lacks the tensor for {name!r}")
+        return tensor
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensor(name).shape))
+
+    def get(self, name: str) -> np.ndarray:
+        return self.get_slice(name, tuple(slice(None) for _ in self.shape(name)))
+
+    def get_slice(self, name: str, index: tuple[slice, ...]) -> np.ndarray:
+        """Dequantize only the rows ``index[0]`` selects, widened to whole units (a head's
+        rows for Q/K, whose rows llama.cpp permuted within each head; a 1-D tensor whole,
+        its quantized blocks not being rows), then take ``index[1:]``."""
+        import gguf
+
+        tensor, shape = self._tensor(name), self.shape(name)
+        heads = self._permuted_heads(name)
+        unit = shape[0] if len(shape) == 1 else shape[0] // heads if heads else 1
+        start, stop, _ = index[0].indices(shape[0])
+        lo, hi = start - start % unit, -(-stop // unit) * unit
         try:
-            w = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+            w = np.asarray(gguf.quants.dequantize(tensor.data[lo:hi], tensor.tensor_type), dtype=np.float32)
         except Exception as e:
             raise CheckpointError(f"GGUF tensor {tensor.name} in {self.path} cannot be read: {e}") from None
-        expected = tuple(int(d) for d in reversed(tensor.shape))
-        if w.shape != expected:
-            w = w.reshape(expected)
+        w = w.reshape(hi - lo, *shape[1:])
+        if heads:
+            w = unpermute_gguf_rows(w, (hi - lo) // unit)
+        return w[(slice(start - lo, stop - lo), *index[1:])]
+
+    def _permuted_heads(self, name: str) -> int | None:
+        """The head count of a Q or K projection (rows permuted per head); None for others."""
         if name.endswith("self_attn.q_proj.weight"):
-            w = unpermute_gguf_rows(w, int(self._heads))
-        elif name.endswith("self_attn.k_proj.weight"):
-            w = unpermute_gguf_rows(w, int(self._kv_heads))
-        return w
+            return int(self._heads)
+        if name.endswith("self_attn.k_proj.weight"):
+            return int(self._kv_heads)
+        return None

@@ -29,8 +29,9 @@ from jax_ensemble.models.llama.params import load_llama
 class Family:
     """One architecture family.
 
-    ``load(config, source, base_dtype=..., compute_dtype=...)`` builds the model from a
-    tensor source; ``config_from_gguf(metadata, hf_tensor_names)`` is None where the
+    ``load(config, source, base_dtype=..., compute_dtype=..., sharding=None)`` builds the
+    model from a tensor source (its variables laid out by a ``checkpoint_map.LeafSharding``
+    when given); ``config_from_gguf(metadata, hf_tensor_names)`` is None where the
     family has no GGUF reader; ``peft_fan_in_fan_out``: PEFT's flag for base layers that
     store their weight (in, out) (GPT-2's ``Conv1D``)."""
 

@@ -13,13 +13,21 @@ import numpy as np
 
 
 def quantize_int8(w, reduce_axis: int):
-    """Return ``(q int8, scale float32)``; ``scale`` has ``reduce_axis`` removed."""
+    """Return ``(q int8, scale float32)``; ``scale`` has ``reduce_axis`` removed.
+
+    On numpy (loading, one whole tensor at a time) it needs one float32 temporary of
+    ``w``'s size besides ``w`` (as float32) and ``q``."""
     xp = _array_namespace(w)
-    w = w.astype(xp.float32)
-    amax = xp.max(xp.abs(w), axis=reduce_axis, keepdims=True)
+    w = np.asarray(w, np.float32) if xp is np else w.astype(xp.float32)
+    # max |w| without a |w| copy
+    amax = xp.maximum(xp.max(w, axis=reduce_axis, keepdims=True), -xp.min(w, axis=reduce_axis, keepdims=True))
     scale = xp.where(amax > 0, amax / 127.0, 1.0).astype(xp.float32)
-    q = xp.clip(xp.round(w / scale), -127, 127).astype(xp.int8)
-    return q, xp.squeeze(scale, axis=reduce_axis)
+    if xp is np:
+        q = w / scale
+        np.clip(np.round(q, out=q), -127, 127, out=q)
+    else:
+        q = xp.clip(xp.round(w / scale), -127, 127)
+    return q.astype(xp.int8), xp.squeeze(scale, axis=reduce_axis)
 
 
 def dequantize_int8(q, scale, reduce_axis: int):

@@ -1,14 +1,15 @@
 """``jax-ensemble train``: one LoRA adapter on the train splits of some tasks, evaluated per task.
 
 Steps: join the processes of a multi-host run (``mesh.coordinator_address``), load the
-model with its int8/bf16/f32 base, attach LoRA (key = ``seed``), tokenize the tasks'
-train and validation splits into tables (:func:`jax_ensemble.data.tables.table_of_splits`),
-measure each task's validation accuracy at the start (B = 0: the base model, the
-zero-shot accuracy), train on the mesh (:func:`jax_ensemble.training.engine.train`,
-early stopping on the pooled validation loss, checkpoints under ``out/checkpoints``,
-resuming a killed run, even under another mesh: the checkpoint fingerprint leaves the
-mesh section out), then measure each task's validation accuracy again. The summary
-is written atomically to ``out/train.json``.
+model with its int8/bf16/f32 base straight into the mesh's shardings (each process
+reading only its devices' blocks of the checkpoint), attach LoRA (key = ``seed``),
+tokenize the tasks' train and validation splits into tables
+(:func:`jax_ensemble.data.tables.table_of_splits`), measure each task's validation
+accuracy at the start (B = 0: the base model, the zero-shot accuracy), train on the mesh
+(:func:`jax_ensemble.training.engine.train`, early stopping on the pooled validation
+loss, checkpoints under ``out/checkpoints``, resuming a killed run, even under another
+mesh: the checkpoint fingerprint leaves the mesh section out), then measure each task's
+validation accuracy again. The summary is written atomically to ``out/train.json``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from jax_ensemble.stages.adapters import adapter_fingerprint
 from jax_ensemble.storage.atomic import atomic_write_json
 from jax_ensemble.training.engine import Evaluator, train
 from jax_ensemble.training.losses import classification_objective
-from jax_ensemble.training.mesh import check_batch_fits, initialize_distributed, make_mesh
+from jax_ensemble.training.mesh import check_batch_fits, initialize_distributed, leaf_sharding, make_mesh
 
 
 def adapter_on_tasks(config: Config, task_refs: Sequence[str] | None, out: str | Path, *,
@@ -44,7 +45,7 @@ def adapter_on_tasks(config: Config, task_refs: Sequence[str] | None, out: str |
     tasks = [load_task(ref, config.tasks) for ref in task_refs] if task_refs else load_suite(config.tasks)
     model, tokenizer = load_pretrained(
         config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype,
-        kernels=config.model.kernels,
+        kernels=config.model.kernels, sharding=leaf_sharding(mesh),
     )
     apply_lora(model, config.lora, jax.random.key(config.seed))
     graphdef, lora, base = split_lora(model)

@@ -25,14 +25,16 @@ anything else              any           replicated
 
 Multi-host: :func:`initialize_distributed` joins the processes (one per host) before any
 other JAX call; arrays are then assembled from host data with
-:func:`put_global`, each process supplying only its addressable shards.
+:func:`put_global`, each process supplying only its addressable shards. The frozen base
+is loaded straight into its shardings instead (:func:`leaf_sharding` handed to
+``models.loading.load_pretrained``), each process reading only its devices' blocks.
 """
 
 from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -142,6 +144,13 @@ def partition_spec(name: str, shape: tuple[int, ...], mesh: Mesh, rules: Rules =
         size = math.prod(mesh.shape[a] for a in names)
         fitted.append(axes if names and dim % size == 0 else None)
     return P(*fitted)
+
+
+def leaf_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Callable[[str, tuple[int, ...]], NamedSharding]:
+    """(dotted name, shape) → the array's :class:`NamedSharding` under ``rules``: what
+    ``models.loading.load_pretrained(..., sharding=...)`` loads the base straight into
+    (the layout :func:`tree_shardings` gives the same base, so :func:`put_global` keeps it)."""
+    return lambda name, shape: NamedSharding(mesh, partition_spec(name, shape, mesh, rules))
 
 
 def tree_shardings(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, prefix: str = "", leading: int = 0) -> Any:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 from flax import nnx
 
-from jax_ensemble.models.checkpoint_map import TensorSource, fill_from_checkpoint
+from jax_ensemble.models.checkpoint_map import Index, LeafSharding, TensorSource, fill_from_checkpoint
 from jax_ensemble.models.gpt2.modeling import GPT2Config, GPT2LMHeadModel
 
 _PREFIX = "transformer."
@@ -40,8 +40,14 @@ class _Unprefixed:
     def names(self) -> set[str]:
         return {name if name.startswith("lm_head.") else _PREFIX + name for name in self._source.names()}
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._source.shape(name.removeprefix(_PREFIX))
+
     def get(self, name: str) -> np.ndarray:
         return self._source.get(name.removeprefix(_PREFIX))
+
+    def get_slice(self, name: str, index: Index) -> np.ndarray:
+        return self._source.get_slice(name.removeprefix(_PREFIX), index)
 
 
 def load_gpt2(
@@ -50,8 +56,10 @@ def load_gpt2(
     *,
     base_dtype: str = "float32",
     compute_dtype: str = "float32",
+    sharding: LeafSharding | None = None,
 ) -> GPT2LMHeadModel:
-    """Build a :class:`GPT2LMHeadModel` holding the checkpoint's weights."""
+    """Build a :class:`GPT2LMHeadModel` holding the checkpoint's weights, laid out by
+    ``sharding`` when given."""
     if not any(name.startswith(_PREFIX) for name in source.names()):
         source = _Unprefixed(source)
     abstract = nnx.eval_shape(
@@ -63,4 +71,5 @@ def load_gpt2(
         hf_module_name=hf_module_name,
         transposed=lambda module: module[0] == "lm_head",
         num_layers=config.num_hidden_layers,
+        sharding=sharding,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from flax import nnx
 
-from jax_ensemble.models.checkpoint_map import TensorSource, fill_from_checkpoint
+from jax_ensemble.models.checkpoint_map import LeafSharding, TensorSource, fill_from_checkpoint
 from jax_ensemble.models.llama.modeling import LlamaConfig, LlamaForCausalLM
 
 
@@ -33,12 +33,15 @@ def load_llama(
     *,
     base_dtype: str = "float32",
     compute_dtype: str = "float32",
+    sharding: LeafSharding | None = None,
 ) -> LlamaForCausalLM:
     """Build a :class:`LlamaForCausalLM` holding the checkpoint's weights (every HF kernel
-    is an ``nn.Linear`` weight, (out, in): all are transposed)."""
+    is an ``nn.Linear`` weight, (out, in): all are transposed), laid out by ``sharding``
+    when given."""
     abstract = nnx.eval_shape(
         lambda: LlamaForCausalLM(config, base_dtype=base_dtype, compute_dtype=compute_dtype, rngs=nnx.Rngs(0))
     )
     return fill_from_checkpoint(
-        abstract, source, hf_module_name=hf_module_name, transposed=lambda _: True, num_layers=config.num_hidden_layers
+        abstract, source, hf_module_name=hf_module_name, transposed=lambda _: True,
+        num_layers=config.num_hidden_layers, sharding=sharding,
     )
