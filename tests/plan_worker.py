@@ -21,8 +21,8 @@ from jax_ensemble.models import LlamaConfig  # noqa: E402
 from jax_ensemble.models.families import FAMILIES  # noqa: E402
 from jax_ensemble.models.lora import split_lora  # noqa: E402
 from jax_ensemble.models.lora_gradients import batch_gradients, lora_feature_split  # noqa: E402
+from jax_ensemble.stages.accounting import batch_bytes, device_bytes  # noqa: E402
 from jax_ensemble.stages.ensemble import stacked_label_logits  # noqa: E402
-from jax_ensemble.stages.accounting import device_bytes  # noqa: E402
 from jax_ensemble.stages.plan import Planner, abstract_model, batch_shapes  # noqa: E402
 from jax_ensemble.training.engine import init_state, make_optimizer, make_train_step  # noqa: E402
 from jax_ensemble.training.losses import classification_objective, objective_loss  # noqa: E402
@@ -61,7 +61,7 @@ def training_case(mesh_sizes, batch_size, length):
     step = make_train_step(objective_loss(classification_objective(graphdef)), optimizer, seed=0, dropout=False)
     compiled = jax.jit(step, in_shardings=(state_sh, tree_shardings(base, mesh), batch_sh),
                        out_shardings=(state_sh, NamedSharding(mesh, P()))).lower(state, base, batch).compile()
-    arguments = planner.weights + device_bytes(state, planner.mesh) + device_bytes(batch, planner.mesh, leading=1)
+    arguments = planner.weights + device_bytes(state, planner.mesh) + batch_bytes(batch, planner.mesh, leading=1)
     return measured(compiled), sum(planner.training_step_memory(config.training).values()), arguments
 
 

@@ -8,8 +8,9 @@ partition rules) exactly; arguments + outputs + temporaries within 25%. The acti
 formulas count the saved residuals of the remat policy and one layer's working set; XLA's
 buffer assignment reuses and fuses buffers they cannot see, and with ``fsdp``/``tensor``
 sharding the SPMD partitioner's gathered activations and partial sums come and go. Measured
-(benchmarks/RESULTS.md): one device within 3% (training), sharded layouts 0.89–1.14,
-gradients and inference 0.87–1.05. CPU XLA computes bf16 in float32 (same temporaries), so
+(benchmarks/RESULTS.md), plan / XLA: training 0.996–0.997 on one device, 0.89–1.14 on
+(8,1,1), (1,8,1), (2,2,2), (2,4,1) meshes; gradients 0.96–0.97 (reverse, forward);
+stacked inference 0.87–1.05. CPU XLA computes bf16 in float32 (same temporaries), so
 the check is float32; bf16's halved activations are the formula's assumption.
 """
 

@@ -125,6 +125,17 @@ def batch_rows_per_device(rows: int, mesh: Mesh | AbstractMesh) -> int:
     return rows // shards if rows % shards == 0 else rows
 
 
+def batch_bytes(batch: Any, mesh: Mesh | AbstractMesh, leading: int = 0) -> int:
+    """Bytes one device holds of a batch (leaves (…, rows, …), the row axis after ``leading``
+    axes split over (data, fsdp) as :func:`jax_ensemble.training.mesh.batch_sharding` lays it out)."""
+    total = 0
+    for leaf in jax.tree.leaves(batch):
+        shape = tuple(np.shape(leaf))
+        rows = shape[leading]
+        total += math.prod(shape) // rows * batch_rows_per_device(rows, mesh) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerWidths:
     """Values per token of one decoder layer on one device.

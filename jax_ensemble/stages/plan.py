@@ -37,9 +37,9 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import AbstractMesh
 
-from jax_ensemble.config import Config
-from jax_ensemble.core.linearize import choose_strategy, strategy_costs
+from jax_ensemble.config import Config, UQConfig
 from jax_ensemble.core import solvers
+from jax_ensemble.core.linearize import choose_strategy, strategy_costs
 from jax_ensemble.data.hub import HUB_TASKS
 from jax_ensemble.data.local import read_spec_file
 from jax_ensemble.data.offline import OFFLINE_TASKS
@@ -149,6 +149,13 @@ class Planner:
         self.length = config.tasks.max_length
         self.weights = accounting.device_bytes(self.base, mesh)
 
+    def rows(self, rows: int) -> tuple[int, int]:
+        """(rows on one device, rows one layer is computed on): a batch split over (data, fsdp),
+        gathered back over ``fsdp`` inside a layer (accounting module doc); a batch the axes do
+        not divide stays whole."""
+        local = accounting.batch_rows_per_device(rows, self.mesh)
+        return local, local * self.mesh.shape["fsdp"] if local != rows else rows
+
     def forward(self, rows: int, choices: int) -> float:
         return accounting.forward_flops(self.arch, rows, self.length, choices)
 
@@ -165,26 +172,26 @@ class Planner:
         leading = int(members > 1)
         micro = training.micro_batch_size
         batch = batch_shapes(micro, self.length, max(self.classes), (training.grad_accum_steps,) + (members,) * leading)
-        rows = accounting.batch_rows_per_device(micro, self.mesh)
+        rows, working = self.rows(micro)
         return {
             "weights": self.weights,
             "lora_and_optimizer": 2 * accounting.device_bytes(state, self.mesh, leading=leading)
             + 2 * accounting.device_bytes(lora, self.mesh, leading=leading),
-            "batch": accounting.device_bytes(batch, self.mesh, leading=1 + leading),
+            "batch": accounting.batch_bytes(batch, self.mesh, leading=1 + leading),
             "activations": members * accounting.training_activation_bytes(
-                self.widths, rows, self.length, self.dtype_bytes, rows * self.mesh.shape["fsdp"]),
+                self.widths, rows, self.length, self.dtype_bytes, working),
         }
 
     def inference_memory(self, members: int, rows: int) -> dict[str, int]:
         """One stacked forward of ``members`` adapters over ``rows`` rows (stacked_label_logits)."""
         lora = jax.tree.map(lambda x: jax.ShapeDtypeStruct((members, *x.shape), x.dtype), self.lora)
-        local = accounting.batch_rows_per_device(rows, self.mesh)
+        local, working = self.rows(rows)
         return {
             "weights": self.weights,
             "lora_and_optimizer": accounting.device_bytes(lora, self.mesh, leading=1),
-            "batch": accounting.device_bytes(batch_shapes(rows, self.length, max(self.classes)), self.mesh),
+            "batch": accounting.batch_bytes(batch_shapes(rows, self.length, max(self.classes)), self.mesh),
             "activations": members * accounting.inference_activation_bytes(
-                self.widths, local, self.length, self.dtype_bytes, local * self.mesh.shape["fsdp"]),
+                self.widths, local, self.length, self.dtype_bytes, working),
         }
 
     def training(self, name: str, rows: int, validation_rows: int, training: TrainingConfig,
@@ -210,20 +217,20 @@ class Planner:
                                forward_flops=self.forward(gc.batch_size, max(self.classes)),
                                direction_chunk=min(gc.direction_chunk, gc.dim))
         strategy = gc.strategy if gc.strategy != "auto" else choose_strategy(costs, gc.memory_budget_mb * 2**20)
-        rows = accounting.batch_rows_per_device(gc.batch_size, self.mesh)
+        rows, working = self.rows(gc.batch_size)
         if strategy == "reverse":
             extra = {"per_example_gradients": 4 * rows * outputs * p,
                      "activations": accounting.training_activation_bytes(
-                         self.widths, rows, self.length, self.dtype_bytes, rows * self.mesh.shape["fsdp"])}
+                         self.widths, rows, self.length, self.dtype_bytes, working)}
         else:  # jax.linearize keeps the saved residuals; each of c directions runs a tangent forward
             chunk = min(gc.direction_chunk, gc.dim)
             extra = {"per_example_gradients": 4 * chunk * p,
                      "activations": accounting.saved_residual_bytes(self.widths, rows, self.length, self.dtype_bytes)
                      + chunk * accounting.inference_activation_bytes(
-                         self.widths, rows, self.length, self.dtype_bytes, rows * self.mesh.shape["fsdp"])}
+                         self.widths, rows, self.length, self.dtype_bytes, working)}
         memory = {"weights": self.weights, "lora_and_optimizer": accounting.device_bytes(self.lora, self.mesh),
-                  "batch": accounting.device_bytes(batch_shapes(gc.batch_size, self.length, max(self.classes)),
-                                                   self.mesh),
+                  "batch": accounting.batch_bytes(batch_shapes(gc.batch_size, self.length, max(self.classes)),
+                                                  self.mesh),
                   **extra,
                   "projection": 4 * min(gc.block_rows, max(math.prod(x.shape) for x in features)) * gc.dim
                   + 4 * rows * outputs * gc.dim}
@@ -312,8 +319,9 @@ def plan_run(config: Config, *, devices: int, device: Device, efficiency: float 
     subset_rows = subset_tasks * tc.train_size
     validate = planner.training("validate-estimates", subset_rows, subset_tasks * tc.validation_size, job)
     validate["flops"] *= validate_subsets
-    commands = [{**uq_stage, "runs": "mesh", "command": "uq", "variants": variants},
-                {**validate, "runs": "mesh", "command": "validate-estimates", "subsets": validate_subsets}]
+    commands = [{**validate, "runs": "mesh", "command": "validate-estimates", "subsets": validate_subsets}]
+    if uq != UQConfig():  # configured: the uq section differs from the defaults
+        commands.insert(0, {**uq_stage, "runs": "mesh", "command": "uq", "variants": variants})
 
     peak = device.peak_flops[config.model.compute_dtype]
     capacity = device.usable_bytes
