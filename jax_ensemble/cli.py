@@ -276,6 +276,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from jax_ensemble.config import load_config
+    from jax_ensemble.stages.plan import DEFAULT_DEVICE, DEVICES, format_plan, plan_run
+
+    config = load_config(args.config, args.overrides)
+    if args.device not in DEVICES:
+        raise ConfigError(f"--device must be one of {', '.join(DEVICES)}; got {args.device!r}")
+    device = DEVICES[args.device or DEFAULT_DEVICE]
+    if args.device_memory is not None:
+        if args.device_memory <= 0:
+            raise ConfigError(f"--device-memory must be > 0 GiB, got {args.device_memory}")
+        device = dataclasses.replace(device, memory_bytes=int(args.device_memory * 2**30), usable_fraction=1.0)
+    if args.peak_tflops is not None:
+        if args.peak_tflops <= 0:
+            raise ConfigError(f"--peak-tflops must be > 0, got {args.peak_tflops}")
+        device = dataclasses.replace(device, peak_flops={k: args.peak_tflops * 1e12 for k in device.peak_flops})
+    devices = args.devices
+    if devices is None:
+        sizes = (config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+        devices = 1 if -1 in sizes else sizes[0] * sizes[1] * sizes[2]
+    _check_count("--subsets", args.subsets)
+    plan = plan_run(config, devices=devices, device=device, efficiency=args.efficiency, validate_subsets=args.subsets)
+    print(json.dumps(plan) if args.json else format_plan(plan))
+    return 0
+
+
 def version_line() -> str:
     """``jax-ensemble X (jax …, jaxlib …, flax …, Python …)``: what ``--version`` prints."""
     def version(name: str) -> str:
@@ -395,6 +423,19 @@ def build_parser() -> argparse.ArgumentParser:
     uq.add_argument("--json", action="store_true", help="print one JSON object (results: method -> metrics)")
     config_args(uq)
     uq.set_defaults(handler=_cmd_uq)
+    plan = sub.add_parser("plan", help="per-stage memory per device, FLOPs and time on a mesh, from the "
+                                       "architecture alone (no weights)")
+    plan.add_argument("--devices", type=int, default=None,
+                      help="device count (default: the config's mesh sizes multiplied; 1 with a -1 size)")
+    plan.add_argument("--device", default="h100", help="h100 | h200 | a100 | v5e | v5p | v4 (default h100)")
+    plan.add_argument("--device-memory", type=float, default=None, help="GiB per device (all of it usable)")
+    plan.add_argument("--peak-tflops", type=float, default=None, help="dense peak TFLOP/s per device")
+    plan.add_argument("--efficiency", type=float, default=0.35,
+                      help="fraction of peak the time assumes (default 0.35, an assumption)")
+    plan.add_argument("--subsets", type=int, default=5, help="validate-estimates subsets to price (default 5)")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    config_args(plan, "mesh.fsdp=8")
+    plan.set_defaults(handler=_cmd_plan)
     train = sub.add_parser("train", help="train one LoRA adapter on some tasks and evaluate it per task")
     train.add_argument("--tasks", default=None, help="comma-separated task names or spec files (default: the suite)")
     train.add_argument("--out", default=None, help="run directory (default: <run_dir>/train); a killed run resumes")
