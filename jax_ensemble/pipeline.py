@@ -41,13 +41,13 @@ from jax_ensemble.models.peft_export import export_peft_adapter
 from jax_ensemble.report import write_report
 from jax_ensemble.stages import accounting
 from jax_ensemble.stages.adapters import adapter_fingerprint, adapters_for_plan, suite_tables
-from jax_ensemble.stages.ensemble import boost_trained, ensemble_table_logits, stacked_table_logits
+from jax_ensemble.stages.ensemble import boost_trained, ensemble_table_logits, on_mesh, stacked_table_logits
 from jax_ensemble.stages.estimate_validation import find_validation
 from jax_ensemble.stages.grouping import grouping_stage, load_affinity
 from jax_ensemble.stages.model import load_run_model
 from jax_ensemble.storage.atomic import atomic_write_json
 from jax_ensemble.training.engine import adapter_training, total_steps
-from jax_ensemble.training.mesh import make_mesh
+from jax_ensemble.training.mesh import check_rows_fit, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -172,10 +172,14 @@ def run(config: Config) -> Path:
     clock.start("ensemble", f"convex weights per task, {config.ensemble.boosting_steps} boosting step(s)")
     bs = config.tasks.batch_size
     val = tables["validation"]
+    mesh = make_mesh(config.mesh)  # inference: base by the partition rules, rows over (data, fsdp)
+    check_rows_fit(bs, mesh, "tasks.batch_size")
+    base, _ = on_mesh(mesh, base)
 
     def weighted(prefix: str, count: int) -> tuple[ensemble_maths.Ensemble, np.ndarray]:
         members = stack_trees([adapters[f"{prefix}-{g}"]["lora"] for g in range(count)])
-        logits = stacked_table_logits(graphdef, members, base, val, bs, progress=f"validation logits ({prefix} members)")
+        logits = stacked_table_logits(graphdef, members, base, val, bs, progress=f"validation logits ({prefix} members)",
+                                      mesh=mesh)
         alpha = ensemble_maths.prune_weights(ensemble_maths.fit_ensemble_weights(
             logits, val["label"], val["weight"], val["task_index"], len(names),
             per_task=config.ensemble.per_task_weights, solver=config.ensemble.weights_solver),
@@ -187,7 +191,7 @@ def run(config: Config) -> Path:
     if config.ensemble.boosting_steps:
         boosting_training = adapter_training(config.training, num_rows(tables["train"]))
         grouped, chosen = boost_trained(
-            graphdef, grouped, lora0, base, tables["train"], groups, boosting_training, make_mesh(config.mesh),
+            graphdef, grouped, lora0, base, tables["train"], groups, boosting_training, mesh,
             steps=config.ensemble.boosting_steps, step_size=config.ensemble.step_size, seed=config.seed,
             batch_size=bs, validation=val, validation_member_logits=group_val_logits,
             run_dir=run_dir / "adapters", fingerprint={**adapter_fingerprint(config, names), "groups": groups},
@@ -201,20 +205,21 @@ def run(config: Config) -> Path:
     clock.start("evaluation", "per-task test accuracy")
     test = tables["test"]
     single = stacked_table_logits(graphdef, stack_trees([adapters["single"]["lora"]]), base, test, bs,
-                                  progress="test: single adapter")[0]
+                                  progress="test: single adapter", mesh=mesh)[0]
     zero = stacked_table_logits(graphdef, stack_trees([zeros_like_member(stack_trees([lora0]))]), base, test, bs,
-                                progress="test: zero-shot")[0]
+                                progress="test: zero-shot", mesh=mesh)[0]
     per_task = {
         "zero_shot": per_task_accuracy(zero, test, names),
         "single_adapter": per_task_accuracy(single, test, names),
         "ensemble": per_task_accuracy(ensemble_table_logits(graphdef, grouped, base, test, bs,
-                                                            progress="test: ensemble"), test, names),
+                                                            progress="test: ensemble", mesh=mesh), test, names),
     }
     passes = {"ensemble": ensemble_maths.routed_passes(grouped, test["task_index"])}
     if random_groups:
         random_ensemble, _ = weighted("random", len(random_groups))
         per_task["random_groups"] = per_task_accuracy(
-            ensemble_table_logits(graphdef, random_ensemble, base, test, bs, progress="test: random groups"), test, names)
+            ensemble_table_logits(graphdef, random_ensemble, base, test, bs, progress="test: random groups", mesh=mesh),
+            test, names)
         passes["random_groups"] = ensemble_maths.routed_passes(random_ensemble, test["task_index"])
     average = {method: float(np.mean(list(acc.values()))) for method, acc in per_task.items()}
     flops = compute_flops(config, loaded.architecture, tables, adapters, affinity, passes)

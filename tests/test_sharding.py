@@ -118,3 +118,15 @@ def test_two_processes_joined_by_jax_distributed_match_one_process(tmp_path):
     for key in single:
         np.testing.assert_allclose(distributed[key], single[key], atol=1e-5, err_msg=key)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["4", "8"]
+
+
+def test_stacked_and_routed_ensemble_inference_on_a_mesh_equal_one_device(tmp_path):
+    """Inference as the main job runs it (stacked members; the routed ensemble with a booster
+    and the base term), 8 rows per batch split over data x fsdp = 4 devices."""
+    finish(spawn("inference", str(tmp_path), devices=8))
+    report = json.loads((tmp_path / "inference.json").read_text())
+    for what in ("stacked", "ensemble"):
+        one, mesh = np.array(report["1"][what]), np.array(report["2x2x2"][what])
+        assert one.shape == mesh.shape and np.abs(one).max() > 0
+        np.testing.assert_allclose(mesh, one, rtol=1e-5, atol=1e-5 * np.abs(one).max())
+

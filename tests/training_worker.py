@@ -224,9 +224,34 @@ def long_run(run_dir: Path) -> None:
     save_adapter(run_dir / "final.npz", result.lora)
 
 
+def inference(out: Path) -> None:
+    """Stacked, routed-ensemble (with a booster) and boosting-round logits on one device and
+    on a 2x2x2 mesh (rows over data x fsdp, the base by the partition rules)."""
+    from jax_ensemble.core.ensemble import add_booster, make_ensemble
+    from jax_ensemble.core.trees import stack_trees
+    from jax_ensemble.stages.ensemble import ensemble_table_logits, stacked_table_logits
+
+    graphdef, lora, base = tiny_split()
+    other = jax.tree.map(lambda x: -0.5 * x, lora)
+    members = stack_trees([lora, other, jax.tree.map(lambda x: 0.3 * x, lora)])
+    table = synthetic_table(24)
+    table["task_index"] = np.arange(24, dtype=np.int32) % 3
+    weights = np.array([[0.5, 0.5, 0.0], [0.0, 1.0, 0.0], [0.2, 0.3, 0.5]])
+    ensemble = add_booster(make_ensemble(members, weights), other, np.array([0.0, 0.5, 0.1]))
+    report = {}
+    for name, mesh in [("1", None), ("2x2x2", make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)))]:
+        report[name] = {
+            "stacked": stacked_table_logits(graphdef, members, base, table, 8, mesh=mesh).tolist(),
+            "ensemble": ensemble_table_logits(graphdef, ensemble, base, table, 8, mesh=mesh).tolist(),
+        }
+    (out / "inference.json").write_text(json.dumps(report))
+
+
 if __name__ == "__main__":
     mode, target = sys.argv[1], Path(sys.argv[2])
-    if mode == "meshes":
+    if mode == "inference":
+        inference(target)
+    elif mode == "meshes":
         meshes(target)
     elif mode == "distributed":
         distributed(target, int(sys.argv[3]), int(sys.argv[4]))

@@ -56,6 +56,7 @@ from jax_ensemble.models.lora_gradients import lora_feature_split
 from jax_ensemble.stages.gradients import SplitGradients
 from jax_ensemble.training.engine import train
 from jax_ensemble.training.losses import boosting_objective
+from jax_ensemble.training.mesh import put_batch, put_global, to_host, tree_shardings
 from jax_ensemble.training.progress import Progress
 from jax_ensemble.training.settings import TrainingConfig
 
@@ -68,14 +69,16 @@ def stacked_label_logits(graphdef: nnx.GraphDef, stacked_lora: Any, base: nnx.St
 
 
 def table_outputs(fn: Callable[[Batch], jax.Array], table: Table, batch_size: int, axis: int = 0,
-                  progress: str | None = None) -> np.ndarray:
+                  progress: str | None = None, mesh: Mesh | None = None) -> np.ndarray:
     """``fn`` over ``table`` in batches of ``batch_size`` rows (:func:`eval_batches`: length
     ordered), put back in table order along the row axis ``axis`` of its output: N rows.
-    ``progress``: a progress bar on stderr with this description (None: none)."""
+    ``progress``: a progress bar on stderr with this description (None: none). ``mesh``:
+    each batch's rows split over the mesh's (data, fsdp) axes, outputs gathered to the host
+    (``fn``'s weights are expected laid out on the same mesh: :func:`on_mesh`)."""
     chunks, rows = [], []
     with Progress(-(-num_rows(table) // batch_size), progress or "", "batch", enabled=progress is not None) as bar:
         for batch, batch_rows in eval_batches(table, batch_size):
-            chunks.append(np.asarray(fn(batch)))
+            chunks.append(np.asarray(fn(batch)) if mesh is None else to_host(fn(put_batch(batch, mesh))))
             rows.append(batch_rows)
             bar.update(1)
     rows = np.concatenate(rows)
@@ -83,11 +86,24 @@ def table_outputs(fn: Callable[[Batch], jax.Array], table: Table, batch_size: in
     return np.take(np.concatenate(chunks, axis=axis), real[np.argsort(rows[real])], axis=axis)
 
 
+def on_mesh(mesh: Mesh | None, base: nnx.State, stacked: Any = None) -> tuple[nnx.State, Any]:
+    """``(base, stacked)`` laid out on ``mesh`` by the partition rules (the stacked adapters'
+    leading member axis replicated); unchanged without a mesh or when already laid out."""
+    if mesh is None:
+        return base, stacked
+    base = put_global(base, tree_shardings(base, mesh))
+    if stacked is not None:
+        stacked = put_global(stacked, tree_shardings(stacked, mesh, leading=1))
+    return base, stacked
+
+
 def stacked_table_logits(graphdef: nnx.GraphDef, stacked_lora: Any, base: nnx.State, table: Table,
-                         batch_size: int, progress: str | None = None) -> np.ndarray:
-    """(M, N, K) label logits of the stacked adapters over every row of ``table``."""
+                         batch_size: int, progress: str | None = None, mesh: Mesh | None = None) -> np.ndarray:
+    """(M, N, K) label logits of the stacked adapters over every row of ``table`` (on
+    ``mesh`` when given: :func:`table_outputs`)."""
+    base, stacked_lora = on_mesh(mesh, base, stacked_lora)
     return table_outputs(lambda b: stacked_label_logits(graphdef, stacked_lora, base, b), table, batch_size, axis=1,
-                         progress=progress)
+                         progress=progress, mesh=mesh)
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -107,21 +123,26 @@ def ensemble_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State,
 
 
 def ensemble_table_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, table: Table,
-                          batch_size: int, progress: str | None = None) -> np.ndarray:
+                          batch_size: int, progress: str | None = None, mesh: Mesh | None = None) -> np.ndarray:
     """(N, K) ensemble logits over every row of ``table`` (needs ``task_index``), routed: the
     tasks that need the same members and boosters (:func:`active_calls`) are evaluated
     together by the :func:`restrict`-ed ensemble, so a member with α[t, m] = 0 never runs on
     task t's rows (:func:`routed_passes` counts the passes saved). Equal to
-    :func:`ensemble_logits` over the whole table. ``progress``: as :func:`table_outputs`."""
+    :func:`ensemble_logits` over the whole table. ``progress``, ``mesh``: as
+    :func:`table_outputs`."""
     task_index = np.asarray(table["task_index"])
+    base, _ = on_mesh(mesh, base)
     calls = active_calls(ensemble)
     out: np.ndarray | None = None
     for pattern in np.unique(calls[np.unique(task_index)], axis=0):
         tasks = np.flatnonzero((calls == pattern).all(axis=1))
         rows = np.isin(task_index, tasks)
         part = restrict(ensemble, pattern)
+        if mesh is not None:
+            part = part._replace(members=on_mesh(mesh, base, part.members)[1],
+                                 boosters=on_mesh(mesh, base, part.boosters)[1])
         logits = table_outputs(lambda b, part=part: ensemble_logits(graphdef, part, base, b),
-                               rows_of(table, tasks), batch_size, progress=progress)
+                               rows_of(table, tasks), batch_size, progress=progress, mesh=mesh)
         if out is None:
             out = np.empty((len(task_index), *logits.shape[1:]), logits.dtype)
         out[rows] = logits
@@ -149,24 +170,25 @@ Learner = Callable[[BoostingRound], Any]
 def boost(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, train_table: Table,
           groups: Sequence[Sequence[int]], learner: Learner, *, steps: int, step_size: float = DEFAULT_STEP_SIZE,
           batch_size: int = 32, validation: Table | None = None,
-          validation_member_logits: np.ndarray | None = None) -> tuple[Ensemble, list[int]]:
+          validation_member_logits: np.ndarray | None = None, mesh: Mesh | None = None) -> tuple[Ensemble, list[int]]:
     """``steps`` boosting rounds on the training table (needs ``task_index``): each picks the
     group g with the highest training loss under the current ensemble (:func:`group_losses`),
     gets an adapter from ``learner`` for g's rows and adds it with η = ``step_size`` on g's
     tasks. With ``validation``, each learner also gets g's validation rows with the current
     ensemble's offsets (``validation_member_logits`` (M, Nv, K): the members' logits there,
-    when already computed). Returns the boosted ensemble and the group chosen in each round."""
+    when already computed). ``mesh``: inference on the mesh (:func:`table_outputs`). Returns
+    the boosted ensemble and the group chosen in each round."""
     num_tasks = ensemble.weights.shape[0]
     zero = stack_trees([zeros_like_member(ensemble.members)])
-    current = ensemble_table_logits(graphdef, ensemble, base, train_table, batch_size)
-    base_logits = stacked_table_logits(graphdef, zero, base, train_table, batch_size)[0]
+    current = ensemble_table_logits(graphdef, ensemble, base, train_table, batch_size, mesh=mesh)
+    base_logits = stacked_table_logits(graphdef, zero, base, train_table, batch_size, mesh=mesh)[0]
     if validation is not None:
         if validation_member_logits is not None and ensemble.step_sizes.shape[0] == 0:
             val_current = np.asarray(combine_logits(jnp.asarray(validation_member_logits), ensemble.weights,
                                                     jnp.asarray(validation["task_index"])))
         else:
-            val_current = ensemble_table_logits(graphdef, ensemble, base, validation, batch_size)
-        val_base = stacked_table_logits(graphdef, zero, base, validation, batch_size)[0]
+            val_current = ensemble_table_logits(graphdef, ensemble, base, validation, batch_size, mesh=mesh)
+        val_base = stacked_table_logits(graphdef, zero, base, validation, batch_size, mesh=mesh)[0]
     chosen = []
     for r in range(steps):
         g = int(np.argmax(group_losses(current, train_table["label"], train_table["weight"],
@@ -182,7 +204,7 @@ def boost(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, train_tab
         ensemble = add_booster(ensemble, lora, etas)
 
         def advance(logits: np.ndarray, table: Table, table_base: np.ndarray) -> np.ndarray:
-            booster = stacked_table_logits(graphdef, stack_trees([lora]), base, table, batch_size)
+            booster = stacked_table_logits(graphdef, stack_trees([lora]), base, table, batch_size, mesh=mesh)
             return np.asarray(boosted_logits(jnp.asarray(logits), jnp.asarray(booster), jnp.asarray(table_base),
                                              jnp.asarray(etas)[None], jnp.asarray(table["task_index"])))
 
@@ -227,7 +249,8 @@ def boost_trained(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.Sta
         return unstack_tree(result.lora)[0]
 
     return boost(graphdef, ensemble, base, train_table, groups, learner, steps=steps, step_size=step_size,
-                 batch_size=batch_size, validation=validation, validation_member_logits=validation_member_logits)
+                 batch_size=batch_size, validation=validation, validation_member_logits=validation_member_logits,
+                 mesh=mesh)
 
 
 def boost_closed_form(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.State, base: nnx.State,
