@@ -23,6 +23,7 @@ from jax_ensemble.models.generate import greedy_generate
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import apply_lora, count_parameters, split_lora
 from jax_ensemble.models.tokenizer import Tokenizer
+from jax_ensemble.training.mesh import leaf_sharding, make_mesh
 
 
 class RunModel(NamedTuple):
@@ -38,13 +39,15 @@ class RunModel(NamedTuple):
 
 
 def load_run_model(config: Config, *, sanity_check: bool = True) -> RunModel:
-    """Load and adapt (LoRA key = ``config.seed``) the config's model; with ``sanity_check``
+    """Load and adapt (LoRA key = ``config.seed``) the config's model, on a mesh of more than
+    one device straight into the partition rules' shardings; with ``sanity_check``
     also measure the B = 0 logit change and complete the sanity prompt (else the summary is
     empty)."""
     start = time.perf_counter()
+    mesh = make_mesh(config.mesh)
     model, tokenizer = load_pretrained(
         config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype,
-        kernels=config.model.kernels,
+        kernels=config.model.kernels, sharding=leaf_sharding(mesh) if mesh.size > 1 else None,
     )
     load_seconds = time.perf_counter() - start
     if not sanity_check:
