@@ -19,10 +19,8 @@ Sizes are upper bounds: every task has ``tasks.*_size`` rows (fewer when a task 
 padded to ``tasks.max_length`` tokens (batches are bucketed shorter when prompts are short);
 groups are taken equal-sized (``clustering.num_groups``; with 0, the eigengap's choice is
 unknown and ⌈√n⌉ is assumed); solvers run to their iteration caps. The stages that hold
-their arrays on one device today (the model load of ``run``, ensemble and boosting
-inference, evaluation: issue 15 makes them mesh-aware) are also priced that way
-(``today``); the gradient stage and every adapter the training engine trains are sharded
-already. The affinity solves run on device 0.
+their arrays on one device run there (the affinity solves); every other stage of the main
+job runs on the mesh. The affinity solves run on device 0.
 """
 
 from __future__ import annotations
@@ -240,12 +238,10 @@ class Planner:
                 "strategy": strategy, "features": p}
 
 
-def _inference_stage(name: str, planner: Planner, single: Planner, members: int, flops: float) -> dict[str, Any]:
-    """A stacked-inference stage over ``tasks.batch_size`` rows a batch: on the mesh, and on one
-    device as it runs today."""
+def _inference_stage(name: str, planner: Planner, members: int, flops: float) -> dict[str, Any]:
+    """A stacked-inference stage over ``tasks.batch_size`` rows a batch, on the mesh."""
     rows = planner.config.tasks.batch_size
-    return {"name": name, "memory": planner.inference_memory(members, rows), "flops": flops,
-            "today": {"memory": single.inference_memory(members, rows)}}
+    return {"name": name, "memory": planner.inference_memory(members, rows), "flops": flops}
 
 
 def plan_run(config: Config, *, devices: int, device: Device, efficiency: float = DEFAULT_EFFICIENCY,
@@ -275,8 +271,7 @@ def plan_run(config: Config, *, devices: int, device: Device, efficiency: float 
     boosts = config.ensemble.boosting_steps
     forward = planner.forward
 
-    stages: list[dict[str, Any]] = [{"name": "model", "memory": {"weights": planner.weights}, "flops": 0.0,
-                                     "today": {"memory": {"weights": single.weights}}}]
+    stages: list[dict[str, Any]] = [{"name": "model", "memory": {"weights": planner.weights}, "flops": 0.0}]
     stages.append(planner.gradients(train_rows, val_rows))
     ac = config.affinity
     outputs = max(1 if k == 2 else k for k in classes)
@@ -297,16 +292,16 @@ def plan_run(config: Config, *, devices: int, device: Device, efficiency: float 
     if config.ensemble.random_groups:
         adapters += [(f"random-{g}", group_train, group_val) for g in range(groups)]
     stages += [planner.training(f"training {name}", rows, val, job) for name, rows, val in adapters]
-    stages.append(_inference_stage("ensemble", planner, single, groups, groups * forward(val_rows, max(classes))))
+    stages.append(_inference_stage("ensemble", planner, groups, groups * forward(val_rows, max(classes))))
     if boosts:
         learner = planner.training("boosting", group_train, group_val, job)
-        logits = _inference_stage("boosting", planner, single, groups + 1,
+        logits = _inference_stage("boosting", planner, groups + 1,
                                   boosts * (groups + 1) * forward(train_rows + val_rows, max(classes)))
         stages.append({**logits, "flops": boosts * learner["flops"] + logits["flops"], "steps": learner["steps"],
                        "memory": max(learner["memory"], logits["memory"], key=lambda m: sum(m.values()))})
     members = groups + boosts + 1 if boosts else groups
     passes = 2 + members + (groups if config.ensemble.random_groups else 0)
-    stages.append(_inference_stage("evaluation", planner, single, members, passes * forward(test_rows, max(classes))))
+    stages.append(_inference_stage("evaluation", planner, members, passes * forward(test_rows, max(classes))))
 
     uq = config.uq
     uq_rows = len(uq.in_distribution) * tc.train_size
@@ -332,11 +327,6 @@ def plan_run(config: Config, *, devices: int, device: Device, efficiency: float 
         stage["fits"] = stage["memory_bytes"] <= capacity
         chips = devices if stage["runs"] == "mesh" else 1
         stage["seconds"] = None if stage["flops"] is None else stage["flops"] / (chips * peak * efficiency)
-        if "today" in stage:
-            today = stage["today"]
-            today["memory_bytes"] = sum(today["memory"].values())
-            today["fits"] = today["memory_bytes"] <= capacity
-            today["seconds"] = stage["flops"] / (peak * efficiency)
         return stage
 
     stages = [finish(s) for s in stages]
@@ -383,19 +373,14 @@ def format_plan(plan: dict[str, Any]) -> str:
         f"devices: {plan['devices']} x {d['name']} ({_gib(d['usable_bytes'])} GiB usable of {_gib(d['memory_bytes'])}, "
         f"{d['peak_flops'] / 1e12:.0f} TFLOP/s peak), mesh data={plan['mesh']['data']} fsdp={plan['mesh']['fsdp']} "
         f"tensor={plan['mesh']['tensor']}, time at {plan['efficiency']:.0%} of peak",
-        f"  {'stage':<22} {'runs':<9} {'GiB/device':>10} {'fits':>13} {'TFLOPs':>10} {'time':>9}   "
-        f"{'today on one device':<20}",
+        f"  {'stage':<22} {'runs':<9} {'GiB/device':>10} {'fits':>13} {'TFLOPs':>10} {'time':>9}",
     ]
     for stage in plan["stages"] + plan["commands"]:
         if stage is plan["commands"][0]:
             lines.append("  other commands (run separately):")
-        today = stage.get("today")
-        note = "" if today is None else (f"{_gib(today['memory_bytes'])} GiB, "
-                                         f"{'fits' if today['fits'] else 'does not fit'}, {_duration(today['seconds'])}")
         flops = "" if stage["flops"] is None else f"{stage['flops'] / 1e12:,.0f}"
         lines.append(f"  {stage['name']:<22} {stage['runs']:<9} {_gib(stage['memory_bytes']):>10} "
-                     f"{'fits' if stage['fits'] else 'does not fit':>13} {flops:>10} {_duration(stage['seconds']):>9}   "
-                     f"{note}")
+                     f"{'fits' if stage['fits'] else 'does not fit':>13} {flops:>10} {_duration(stage['seconds']):>9}")
     lines.append(f"main job: {_duration(plan['total_seconds'])} on the mesh; "
                  + ("every stage fits" if plan["all_fit"] else "some stage does not fit"))
     return "\n".join(lines)
