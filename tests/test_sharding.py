@@ -21,7 +21,7 @@ from training_worker import SHORT, finish, run, spawn
 
 from jax_ensemble.errors import ConfigError
 from jax_ensemble.training.checkpoints import flatten
-from jax_ensemble.training.mesh import AXES, make_mesh, partition_spec
+from jax_ensemble.training.mesh import AXES, check_batch_fits, make_mesh, partition_spec
 from jax_ensemble.training.settings import MeshConfig, TrainingConfig, check_batch_divisible
 
 
@@ -47,6 +47,10 @@ def test_partition_rules_cover_int8_base_lora_optimizer_state_and_batches():
 def test_batch_size_not_divisible_by_data_axes_is_a_clear_error():
     with pytest.raises(ConfigError, match=r"batch_size=6 .* not divisible by the mesh's data axes \(mesh.data x mesh.fsdp = 4\)"):
         check_batch_divisible(TrainingConfig(batch_size=6), MeshConfig(data=2, fsdp=2).batch_shards())
+    mesh = AbstractMesh((2, 2, 1), AXES)
+    check_batch_fits(TrainingConfig(batch_size=8, eval_batch_size=12), mesh)
+    with pytest.raises(ConfigError, match=r"training.eval_batch_size = 6 does not split over mesh data x fsdp = 4"):
+        check_batch_fits(TrainingConfig(batch_size=8, eval_batch_size=6), mesh)
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,10 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
 
 
 def check_batch_fits(training: TrainingConfig, mesh: Mesh) -> None:
-    """ConfigError unless micro-batches split evenly over the mesh's data axes."""
+    """ConfigError unless micro-batches and evaluation batches split evenly over the mesh's
+    data axes."""
     check_batch_divisible(training, math.prod(mesh.shape[a] for a in BATCH_AXES))
+    check_rows_fit(training.eval_batch_size, mesh, "training.eval_batch_size")
 
 
 def path_name(path: tuple[Any, ...]) -> str:
