@@ -85,13 +85,10 @@ def _compiler_params(blocks, backend: str, grid_rank: int = 2):
     return None
 
 
-def _matmul_kernel(x_ref, w_ref, *refs, transpose_w: bool, depth: int, steps: int, has_scale: bool,
-                   has_addend: bool):
-    """One (rows × cols) output tile: Σ_t x[:, t]·op(w)[t, :] in float32, then the epilogue."""
-    refs = list(refs)
-    o_ref = refs.pop()
-    s_ref = refs.pop(0) if has_scale else None
-    c_ref = refs.pop(0) if has_addend else None
+def accumulate_tile(x_ref, w_ref, shape: tuple[int, int], *, depth: int, steps: int,
+                    transpose_w: bool = False) -> jax.Array:
+    """Inside a kernel: Σ_t x[:, t]·op(w)[t, :] over ``steps`` reduction slices of ``depth``,
+    each slice of w converted to x's dtype in registers; float32 (rows, cols) = ``shape``."""
     cd = x_ref.dtype
 
     def body(t, acc):
@@ -102,7 +99,17 @@ def _matmul_kernel(x_ref, w_ref, *refs, transpose_w: bool, depth: int, steps: in
         w = w_ref[pl.ds(t * depth, depth), :].astype(cd)  # (depth, cols)
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, steps, body, jnp.zeros(o_ref.shape, jnp.float32))
+    return jax.lax.fori_loop(0, steps, body, jnp.zeros(shape, jnp.float32))
+
+
+def _matmul_kernel(x_ref, w_ref, *refs, transpose_w: bool, depth: int, steps: int, has_scale: bool,
+                   has_addend: bool):
+    """One (rows × cols) output tile: Σ_t x[:, t]·op(w)[t, :] in float32, then the epilogue."""
+    refs = list(refs)
+    o_ref = refs.pop()
+    s_ref = refs.pop(0) if has_scale else None
+    c_ref = refs.pop(0) if has_addend else None
+    acc = accumulate_tile(x_ref, w_ref, o_ref.shape, depth=depth, steps=steps, transpose_w=transpose_w)
     if s_ref is not None:
         acc = acc * s_ref[...].astype(jnp.float32)
     if c_ref is not None:

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from jax_ensemble.kernels.backend import interpret, platform
-from jax_ensemble.kernels.int8_lora import _compiler_params, _pad_to, choose_blocks, matmul
+from jax_ensemble.kernels.int8_lora import _compiler_params, _pad_to, accumulate_tile, choose_blocks, matmul
 
 LORA_RANK_PAD = 16
 """Low-rank operands are zero-padded to a multiple of this (Triton's smallest dot side)."""
@@ -38,15 +38,7 @@ def _multi_kernel(x_ref, q_ref, s_ref, u_ref, v_ref, *refs, depth: int, steps: i
                   routed: bool):
     """One (rows × cols) tile of the base product, then one epilogue per adapter."""
     o_ref = refs[-1]
-    cd = x_ref.dtype
-
-    def body(t, acc):
-        x = x_ref[:, pl.ds(t * depth, depth)]
-        w = q_ref[pl.ds(t * depth, depth), :].astype(cd)
-        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
-
-    rows, cols = x_ref.shape[0], q_ref.shape[1]
-    base = jax.lax.fori_loop(0, steps, body, jnp.zeros((rows, cols), jnp.float32))
+    base = accumulate_tile(x_ref, q_ref, (x_ref.shape[0], q_ref.shape[1]), depth=depth, steps=steps)
     base = base * s_ref[...].astype(jnp.float32)
     num_adapters = v_ref.shape[0]
     if routed:

@@ -56,7 +56,7 @@ from jax_ensemble.models.lora_gradients import lora_feature_split
 from jax_ensemble.stages.gradients import SplitGradients
 from jax_ensemble.training.engine import train
 from jax_ensemble.training.losses import boosting_objective
-from jax_ensemble.training.mesh import put_batch, put_global, to_host, tree_shardings
+from jax_ensemble.training.mesh import put_batch, put_tree, to_host
 from jax_ensemble.training.progress import Progress
 from jax_ensemble.training.settings import TrainingConfig
 
@@ -91,9 +91,9 @@ def on_mesh(mesh: Mesh | None, base: nnx.State, stacked: Any = None) -> tuple[nn
     leading member axis replicated); unchanged without a mesh or when already laid out."""
     if mesh is None:
         return base, stacked
-    base = put_global(base, tree_shardings(base, mesh))
+    base = put_tree(base, mesh)
     if stacked is not None:
-        stacked = put_global(stacked, tree_shardings(stacked, mesh, leading=1))
+        stacked = put_tree(stacked, mesh, leading=1)
     return base, stacked
 
 

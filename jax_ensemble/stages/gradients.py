@@ -34,7 +34,7 @@ from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata
 from jax_ensemble.stages.model import RunModel, load_run_model
 from jax_ensemble.storage.atomic import marker_path, read_verified, read_verified_json, write_verified, write_verified_json
 from jax_ensemble.storage.digests import sha256_hex, stage_dir
-from jax_ensemble.training.mesh import BATCH_AXES, check_rows_fit, make_mesh, put_batch, put_global, to_host, tree_shardings
+from jax_ensemble.training.mesh import BATCH_AXES, check_rows_fit, make_mesh, put_batch, put_tree, to_host
 from jax_ensemble.training.progress import Progress
 
 GRADIENT_SPLITS = ("train", "validation")
@@ -114,7 +114,7 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     check_rows_fit(gc.batch_size, mesh, "gradients.batch_size")
     # the base by the partition rules, the (small) LoRA features replicated or split by the same
     # rules, each batch's examples over (data, fsdp); G comes back gathered on the host
-    base_state, features, fixed = (put_global(t, tree_shardings(t, mesh)) for t in (base_state, features, fixed))
+    base_state, features, fixed = (put_tree(t, mesh) for t in (base_state, features, fixed))
     split_batch = sum(mesh.shape[a] > 1 for a in BATCH_AXES) > 1  # examples over two mesh axes
     output = lora_output_fn(graphdef)
     max_length = config.tasks.max_length

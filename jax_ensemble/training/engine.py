@@ -49,6 +49,7 @@ from jax_ensemble.training.mesh import (
     check_batch_fits,
     put_batch,
     put_global,
+    put_tree,
     tree_shardings,
 )
 from jax_ensemble.training.metrics import MetricsWriter
@@ -205,7 +206,7 @@ class Evaluator:
         self.step = jax.jit(step, out_shardings=NamedSharding(mesh, P()))
 
     def __call__(self, lora: Any, table: Table) -> dict[str, Any]:
-        lora = put_global(lora, tree_shardings(lora, self.mesh, self.rules, leading=int(self.stacked)))
+        lora = put_tree(lora, self.mesh, self.rules, leading=int(self.stacked))
         totals: dict[str, Any] = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
         for batch, _ in eval_batches(table, self.batch_size):
             sums = self.step(lora, self.base, put_batch(batch, self.mesh))

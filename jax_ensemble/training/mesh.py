@@ -175,6 +175,12 @@ def batch_sharding(mesh: Mesh, ndim: int, leading: int = 0) -> NamedSharding:
     return NamedSharding(mesh, P(*([None] * leading), BATCH_AXES, *([None] * (ndim - leading - 1))))
 
 
+def put_tree(tree: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES, leading: int = 0) -> Any:
+    """``tree`` as global arrays laid out by ``rules`` on ``mesh`` (``leading`` axes
+    replicated, as :func:`tree_shardings`); arrays already laid out so pass through."""
+    return put_global(tree, tree_shardings(tree, mesh, rules, leading=leading))
+
+
 def put_batch(batch: Mapping[str, Any], mesh: Mesh, leading: int = 0) -> dict[str, jax.Array]:
     """A host batch as global arrays, examples (axis ``leading``) split over (data, fsdp)."""
     return put_global(dict(batch), {k: batch_sharding(mesh, np.ndim(v), leading) for k, v in batch.items()})
