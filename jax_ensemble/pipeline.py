@@ -208,11 +208,11 @@ def run(config: Config) -> Path:
                                   progress="test: single adapter", mesh=mesh)[0]
     zero = stacked_table_logits(graphdef, stack_trees([zeros_like_member(stack_trees([lora0]))]), base, test, bs,
                                 progress="test: zero-shot", mesh=mesh)[0]
-    per_task = {
+    per_task = {  # the zero-shot logits are also the boosted ensemble's base term z_base
         "zero_shot": per_task_accuracy(zero, test, names),
         "single_adapter": per_task_accuracy(single, test, names),
-        "ensemble": per_task_accuracy(ensemble_table_logits(graphdef, grouped, base, test, bs,
-                                                            progress="test: ensemble", mesh=mesh), test, names),
+        "ensemble": per_task_accuracy(ensemble_table_logits(graphdef, grouped, base, test, bs, progress="test: ensemble",
+                                                            mesh=mesh, base_logits=zero), test, names),
     }
     passes = {"ensemble": ensemble_maths.routed_passes(grouped, test["task_index"])}
     if random_groups:

@@ -27,6 +27,7 @@ from jax_ensemble.core.ensemble import (
     logit_features,
     make_ensemble,
     prune_weights,
+    residuals,
     ridge_fit,
     routed_passes,
 )
@@ -39,6 +40,7 @@ from jax_ensemble.models import LlamaForCausalLM
 from jax_ensemble.models.lora import LoRAConfig, init_member_adapters
 from jax_ensemble.models.lora_gradients import batch_gradients, lora_feature_split
 from jax_ensemble.stages.ensemble import (
+    boost,
     boost_closed_form,
     boost_trained,
     ensemble_logits,
@@ -201,7 +203,25 @@ def test_log_odds_features_give_the_same_probabilities_as_logit_gradients():
     table = table_features(splits, width=3)
     assert table.shape == (n + 4, 3, d)
     np.testing.assert_allclose(table[:n, :2], logit_features(log_odds, labels))
-    assert np.all(table[:n, 2] == 0) and np.all(table[n:] == three)
+    assert np.all(table[:n, 2] == 0)
+    np.testing.assert_allclose(table[n:], three - three.mean(axis=1, keepdims=True), rtol=1e-6)
+
+
+def test_k_class_boosting_fit_does_not_depend_on_the_reference_logit():
+    """The gradient stage stores ∇(z − z_0) for K > 2; the centred features and so the
+    booster's ridge fit equal those of the K logits' own gradients."""
+    rng = np.random.default_rng(4)
+    n, k, d = 30, 4, 6
+    per_class = rng.normal(size=(n, k, d)).astype(np.float32)
+    labels = rng.integers(0, k, size=n)
+    residual = np.asarray(residuals(jnp.asarray(rng.normal(size=(n, k))), jnp.asarray(labels)))
+    fits = [np.asarray(ridge_fit(jnp.asarray(logit_features(g, labels)), jnp.asarray(residual),
+                                 jnp.ones(n), 0.5)) for g in (per_class, per_class - per_class[:, :1])]
+    np.testing.assert_allclose(fits[1], fits[0], rtol=1e-4, atol=1e-6)
+    # centring changes nothing for softmax predictions
+    w = rng.normal(size=d)
+    np.testing.assert_allclose(jax.nn.softmax(logit_features(per_class, labels) @ w),
+                               jax.nn.softmax(per_class @ w), rtol=1e-5)
 
 
 def test_ensemble_logits_closed_form():
@@ -225,6 +245,9 @@ def test_ensemble_logits_closed_form():
     np.testing.assert_array_equal(active_calls(ens), [[1, 1, 1, 1, 1], [0, 1, 1, 0, 0]])
     np.testing.assert_allclose(ensemble_table_logits(graphdef, ens, base, table, batch_size=4), got, rtol=1e-5,
                                atol=1e-4)
+    # the base term from precomputed logits (the zero-shot pass): same result without a base pass
+    shared = ensemble_table_logits(graphdef, ens, base, table, batch_size=4, base_logits=z_base.astype(np.float32))
+    np.testing.assert_allclose(shared[valid], expected[valid], rtol=1e-5, atol=1e-5)
     rows = np.bincount(t, minlength=2)
     assert routed_passes(ens, t) == {"routed": 5 * rows[0] + 2 * rows[1], "dense": 5 * len(t)}
     plain = make_ensemble(members, alpha)  # no booster: no base pass either
@@ -280,6 +303,43 @@ def test_trained_boosting_lowers_the_training_loss_of_a_weak_ensemble():
     np.testing.assert_allclose(after[~rows], before[~rows], rtol=1e-5, atol=1e-5)  # η = 0 off the group
     assert _train_loss(after, train) < _train_loss(before, train)
     assert _train_loss(after[~rows], other) == pytest.approx(_train_loss(before[~rows], other), rel=1e-5)
+
+
+def test_every_boosting_round_sees_the_current_ensemble_and_the_base_on_its_group():
+    """Round r's learner gets F of the ensemble with r boosters on every training row, z_base
+    on the chosen group's rows, and validation offsets F − z_base there; computed from
+    scratch here with the network (the rounds update F on the group's rows only)."""
+    graphdef, members, fresh, base = adapters()
+    train, val = two_task_table(12, seed=7), two_task_table(8, seed=8)
+    weak = make_ensemble(jax.tree.map(lambda x: x[:1], members), np.ones((2, 1)))
+    seen = []
+
+    def learner(round_):
+        seen.append(round_)
+        return unstack_tree(members)[1 + round_.index]
+
+    groups = [[0], [1]]
+    boosted, chosen = boost(graphdef, weak, base, train, groups, learner, steps=2, step_size=0.5, batch_size=4,
+                            validation=val)
+    assert len(seen) == 2 and len(chosen) == 2
+    fresh_one = stack_trees([fresh])
+    z_base = stacked_table_logits(graphdef, fresh_one, base, train, batch_size=4)[0]
+    val_base = stacked_table_logits(graphdef, fresh_one, base, val, batch_size=4)[0]
+    for r, round_ in enumerate(seen):
+        so_far = boosted._replace(boosters=jax.tree.map(lambda x: x[:r], boosted.boosters),
+                                  step_sizes=boosted.step_sizes[:r])
+        current = ensemble_table_logits(graphdef, so_far, base, train, batch_size=4)
+        valid = train["label_token_ids"] >= 0
+        np.testing.assert_allclose(round_.logits[valid], current[valid], rtol=1e-5, atol=1e-4)
+        assert round_.group == chosen[r] == int(np.argmax(group_losses(
+            current, train["label"], train["weight"], train["task_index"], groups)))
+        rows = train["task_index"] == chosen[r]
+        np.testing.assert_allclose(round_.base_logits[rows & valid[:, 0]], z_base[rows & valid[:, 0]], rtol=1e-5)
+        val_rows = val["task_index"] == chosen[r]
+        expected = ensemble_table_logits(graphdef, so_far, base, val, batch_size=4)[val_rows] - val_base[val_rows]
+        got = round_.validation["offset_logits"]
+        keep = val["label_token_ids"][val_rows] >= 0
+        np.testing.assert_allclose(got[keep], expected[keep], rtol=1e-5, atol=1e-4)
 
 
 def test_closed_form_boosting_lowers_the_training_loss_of_a_weak_ensemble():

@@ -57,9 +57,9 @@ def test_weight_distance_matches_dense_delta():
 
 
 def _outputs(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """The studied output: binary log-odds z_gold − z_other, else the K logits."""
+    """The studied output: binary log-odds z_gold − z_other, else z_k − z_0 for k = 1…K−1."""
     if logits.shape[1] != 2:
-        return logits
+        return jnp.stack([logits[:, k] - logits[:, 0] for k in range(1, logits.shape[1])], axis=1)
     rows = jnp.arange(len(labels))
     return logits[rows, labels] - logits[rows, 1 - labels]
 
@@ -120,7 +120,8 @@ def test_study_reports_match_an_independent_recomputation(tiny_hf_dir, tmp_path,
     f0 = [np.asarray(f(lora0, b, y), np.float64) for b, y in zip(batches, labels)]
 
     def accuracy(outputs):
-        hits = [(o > 0) if o.ndim == 1 else (o.argmax(1) == y) for o, y in zip(outputs, labels)]
+        hits = [(o > 0) if o.ndim == 1 else (np.where(o.max(1) > 0, o.argmax(1) + 1, 0) == y)
+                for o, y in zip(outputs, labels)]
         return float(np.mean(np.concatenate(hits)))
 
     assert result["accuracy_f0"] == pytest.approx(accuracy(f0), abs=1e-9)

@@ -21,11 +21,13 @@ from jax_ensemble.core.linearize import (
     classification_output,
     linearization_errors,
     linearize,
+    logits_of_output,
     projected_gradients,
     strategy_costs,
 )
 from jax_ensemble.core.projection import lift, make_projector
 from jax_ensemble.errors import ConfigError
+from jax_ensemble.models.classification import lora_label_logits_fn
 from jax_ensemble.models.llama.modeling import LlamaConfig, LlamaForCausalLM
 from jax_ensemble.models.lora import apply_lora, split_lora
 from jax_ensemble.models.lora_gradients import batch_gradients, lora_feature_split, lora_output_fn
@@ -69,8 +71,13 @@ def perturbed(tree, scale: float, seed: int):
 def test_classification_output():
     logits = jnp.array([[1.0, 3.0], [2.0, -1.0]])
     np.testing.assert_allclose(classification_output(logits, jnp.array([1, 1])), [2.0, -3.0])
-    three = jnp.arange(6.0).reshape(2, 3)
-    np.testing.assert_array_equal(classification_output(three, jnp.array([0, 2])), three)
+    three = jnp.array([[0.5, 1.0, -2.0], [3.0, 4.0, 5.0]])
+    relative = classification_output(three, jnp.array([0, 2]))
+    np.testing.assert_array_equal(relative, [[0.5, -2.5], [1.0, 2.0]])  # z_k − z_0 by hand
+    logits = logits_of_output(relative)  # (0, z_1 − z_0, z_2 − z_0): the same softmax and argmax as z
+    np.testing.assert_allclose(jax.nn.softmax(logits), jax.nn.softmax(three), rtol=1e-6)
+    np.testing.assert_array_equal(jnp.argmax(logits, axis=1), jnp.argmax(three, axis=1))
+    assert logits_of_output(jnp.ones((2, 2, 5))).shape == (2, 3, 5)
 
 
 def test_a_gradients_vanish_at_b_zero_and_are_dropped():
@@ -98,18 +105,24 @@ def test_strategies_agree_with_full_jacobian_times_p(k):
     jac = jax.jit(jax.jacrev(fn))(features, batch)  # leaves (B, *out, *shape)
     dense = flat(lift(projector, jnp.eye(d)), 1).T  # (p, d)
     lead = 1 if k == 2 else 2
-    reference = flat(jac, lead) @ dense  # (B, [K,] d)
+    reference = flat(jac, lead) @ dense  # (B, [K − 1,] d)
     one = jax.jit(jax.jacrev(lambda p, x: fn(p, x)[0]))
     loop = np.stack([flat(one(features, jax.tree.map(lambda x: x[i:i + 1], batch)), lead - 1) for i in range(5)])
     loop = loop @ dense
     np.testing.assert_allclose(loop, reference, rtol=1e-4, atol=1e-6)
+    if k > 2:  # the stage's K logits relative to class 0, from the raw label-word logits' Jacobian
+        logits = lambda p, x: lora_label_logits_fn(graphdef)(nnx.merge_state(p, fixed), base, x)  # noqa: E731
+        raw = flat(jax.jit(jax.jacrev(logits))(features, batch), 2) @ dense  # (B, K, d)
+        np.testing.assert_allclose(reference, raw[:, 1:] - raw[:, :1], rtol=1e-4, atol=1e-4 * np.abs(raw).max())
+        reference = raw - raw[:, :1]
     scale = np.max(np.abs(reference))
     for strategy in ("reverse", "forward", "auto") if k == 2 else ("reverse", "forward"):
         f0, g = batch_gradients(features, fixed, base, batch, graphdef=graphdef, projector=projector,
                                 strategy=strategy, direction_chunk=20)
         assert g.shape == reference.shape
         assert np.max(np.abs(np.asarray(g) - reference)) <= 1e-4 * scale, strategy
-    np.testing.assert_allclose(np.asarray(f0), np.asarray(fn(features, batch)), rtol=1e-6)
+    expected = fn(features, batch) if k == 2 else logits_of_output(fn(features, batch))
+    np.testing.assert_allclose(np.asarray(f0), np.asarray(expected), rtol=1e-6)
 
 
 def test_f_lin_equals_f_at_theta0_and_matches_to_second_order():

@@ -121,6 +121,23 @@ def test_newton_and_lbfgs_agree_and_vmap_matches_one_by_one(kind):
         np.testing.assert_allclose(one.params, newton.params[s], rtol=1e-4, atol=1e-5)
 
 
+def test_softmax_solves_are_invariant_to_measuring_logits_from_class_0():
+    """The gradient stage stores z − z_0 (K − 1 backward passes): every solve, loss and
+    prediction must equal the one on the K logits, since softmax(z) = softmax(z − z_0)."""
+    g, offsets, labels, rng = _softmax(5)
+    masks = (rng.random((3, N)) < 0.5).astype(np.float32)
+    full = solvers.solve_many(jnp.array(g), jnp.array(offsets), jnp.array(labels), jnp.array(masks), L2)
+    rel_g, rel_o = g - g[:, :1], offsets - offsets[:, :1]
+    relative = solvers.solve_many(jnp.array(rel_g), jnp.array(rel_o), jnp.array(labels), jnp.array(masks), L2)
+    np.testing.assert_allclose(relative.params, full.params, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(relative.objective, full.objective, rtol=1e-5)
+    for s in range(3):
+        z_full = solvers.predictions(full.params[s], jnp.array(g), jnp.array(offsets))
+        z_rel = solvers.predictions(relative.params[s], jnp.array(rel_g), jnp.array(rel_o))
+        np.testing.assert_allclose(solvers.example_losses(z_rel, jnp.array(labels)),
+                                   solvers.example_losses(z_full, jnp.array(labels)), rtol=1e-4, atol=1e-6)
+
+
 def test_degenerate_problems_are_defined():
     x, _, _, _ = _binary(4)
     x_sep = np.concatenate([x[:, :1] * 10, x[:, 1:]], axis=1)

@@ -243,12 +243,15 @@ def ridge_fit(features: jax.Array, targets: jax.Array, weights: jax.Array, l2: f
 def logit_features(grads: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Projected gradients of the gradient stage → label-logit features (n, K, d).
 
+    The softmax is shift-invariant, so only each row's centred gradient (mean over the K
+    classes removed) matters, and the features are centred: then the ridge fit of the
+    residual (whose rows sum to 0) does not depend on which logit the stage measured from.
     Binary tasks store G of the log-odds z_gold − z_other (n, d); ∇(z_1 − z_0) = (2y − 1)·G,
-    and (z_0, z_1) ↦ softmax is shift-invariant, so the centred rows ((2y−1)G/2)·(−1, 1)
-    represent the logits' gradient exactly. (n, K, d) passes through."""
+    so the centred rows are ((2y−1)G/2)·(−1, 1). K > 2 stores the logits relative to class 0
+    (n, K, d), centred here."""
     grads = np.asarray(grads, np.float32)
     if grads.ndim == 3:
-        return grads
+        return grads - grads.mean(axis=1, keepdims=True)
     half = (2.0 * np.asarray(labels) - 1.0)[:, None] * grads / 2.0
     return np.stack([-half, half], axis=1)
 

@@ -6,7 +6,8 @@ row i depends on example i only (any JAX model works; for the LLM see
 
 - :func:`classification_output`: the output studied (docs/method.md §1): for K = 2 label
   words the log-odds f = z_gold − z_other of the label-word logits (B,); for K > 2 the
-  K logits (B, K).
+  K − 1 log-odds f_k = z_k − z_0 against class 0 (B, K − 1), which
+  :func:`logits_of_output` turns back into softmax-equivalent logits (B, K).
 - :func:`linearize`: ``f_lin(θ, batch) = f(θ0, batch) + ⟨∇θ f(θ0, batch), θ − θ0⟩``
   (one ``jax.jvp``).
 - :func:`projected_gradients` (and :func:`value_and_projected_gradients`, which also
@@ -41,11 +42,22 @@ STRATEGIES = ("reverse", "forward", "auto")
 
 def classification_output(logits: jax.Array, label: jax.Array) -> jax.Array:
     """Label-word logits (B, K), gold labels (B,) → (B,) log-odds z_gold − z_other when
-    K = 2, else the (B, K) logits unchanged."""
+    K = 2, else (B, K − 1) log-odds z_k − z_0 of classes 1…K−1 against class 0.
+
+    softmax(z) = softmax(z − z_0), so K − 1 outputs carry everything the K logits do and
+    their per-example gradients take K − 1 backward passes instead of K."""
     if logits.shape[-1] != 2:
-        return logits
+        return logits[:, 1:] - logits[:, :1]
     gold = jnp.take_along_axis(logits, label[:, None].astype(jnp.int32), axis=1)[:, 0]
     return 2.0 * gold - logits.sum(axis=1)
+
+
+def logits_of_output(output: jax.Array) -> jax.Array:
+    """(B, K − 1, ...) log-odds against class 0 (:func:`classification_output`, K > 2) or
+    their gradients → (B, K, ...) with class 0's entry 0: logits z − z_0, which give the
+    softmax, the cross-entropy and the argmax of z itself."""
+    pad = [(0, 0), (1, 0)] + [(0, 0)] * (output.ndim - 2)
+    return jnp.pad(output, pad)
 
 
 def linearize(apply_fn: ApplyFn, params0: Any) -> ApplyFn:

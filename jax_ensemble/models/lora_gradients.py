@@ -1,7 +1,7 @@
 """Per-example projected gradients of the LLM's classification output at the base model.
 
 The LoRA edge of :mod:`jax_ensemble.core.linearize`: the studied output f(x; θ) (binary
-log-odds or K label-word logits, :func:`~jax_ensemble.core.linearize.classification_output`)
+log-odds or K − 1 log-odds against class 0, :func:`~jax_ensemble.core.linearize.classification_output`)
 as a function of the LoRA state, and one jitted program per batch returning the base
 outputs f0 and the projected gradients G.
 
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jax_ensemble.core.linearize import classification_output, value_and_projected_gradients
+from jax_ensemble.core.linearize import classification_output, logits_of_output, value_and_projected_gradients
 from jax_ensemble.core.projection import Projector
 from jax_ensemble.models.classification import Batch, lora_label_logits_fn
 
@@ -42,8 +42,8 @@ def lora_feature_split(lora_state: nnx.State) -> tuple[nnx.State, nnx.State, str
 
 
 def lora_output_fn(graphdef: nnx.GraphDef) -> Callable[[nnx.State, nnx.State, nnx.State, Batch], jax.Array]:
-    """``f(features, fixed, base_state, batch)``: (B,) binary log-odds or (B, K) logits of
-    the model with LoRA state ``merge_state(features, fixed)``."""
+    """``f(features, fixed, base_state, batch)``: (B,) binary log-odds or (B, K − 1) log-odds
+    against class 0 (K > 2) of the model with LoRA state ``merge_state(features, fixed)``."""
     logits_fn = lora_label_logits_fn(graphdef)
 
     def output(features: nnx.State, fixed: nnx.State, base_state: nnx.State, batch: Batch) -> jax.Array:
@@ -70,7 +70,9 @@ def batch_gradients(
     """One batch → (f0 (B,) or (B, K), G (B, d) or (B, K, d)), both float32.
 
     f0 is the output at the given LoRA state, G its projected per-example gradient with
-    respect to ``features`` (the projector must be built for ``features``);
+    respect to ``features`` (the projector must be built for ``features``); for K > 2 both
+    are relative to class 0 (f0's column 0 and G's row 0 are 0: K − 1 backward passes,
+    :func:`~jax_ensemble.core.linearize.logits_of_output`);
     ``separate_outputs`` as in :func:`~jax_ensemble.core.linearize.value_and_projected_gradients`."""
     output = lora_output_fn(graphdef)
     fn = lambda p, x: output(p, fixed, base_state, x)  # noqa: E731  (binds jit arguments)
@@ -78,6 +80,8 @@ def batch_gradients(
         fn, features, batch, projector, strategy=strategy, direction_chunk=direction_chunk,
         separate_outputs=separate_outputs,
     )
+    if f0.ndim == 2:  # K > 2: K − 1 log-odds → K logits relative to class 0 (column 0 is 0)
+        f0, grads = logits_of_output(f0), logits_of_output(grads)
     return f0.astype(jnp.float32), grads
 
 

@@ -110,26 +110,34 @@ def stacked_table_logits(graphdef: nnx.GraphDef, stacked_lora: Any, base: nnx.St
 def ensemble_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, batch: Batch) -> jax.Array:
     """(B, K) ensemble logits Σ_m α[t,m] z_m + Σ_j η[j,t] (z_j − z_base), t = batch
     ``task_index``: members, boosters and the base model evaluated as one stacked call (the
-    base model only when there are boosters: b = 0 needs no z_base)."""
+    base model only when there are boosters: b = 0 needs no z_base, and not when the batch
+    brings z_base as ``base_logits`` (B, K), e.g. from the zero-shot evaluation)."""
     m, b = ensemble.weights.shape[1], ensemble.step_sizes.shape[0]
     if b == 0:
         return combine_logits(stacked_label_logits(graphdef, ensemble.members, base, batch), ensemble.weights,
                               batch["task_index"])
-    everything = jax.tree.map(lambda x, y, z: jnp.concatenate([x, y, z[None]]),
-                              ensemble.members, ensemble.boosters, zeros_like_member(ensemble.members))
+    given = batch.get("base_logits")
+    extra = [] if given is not None else [zeros_like_member(ensemble.members)]
+    everything = jax.tree.map(lambda x, y, *z: jnp.concatenate([x, y, *(w[None] for w in z)]),
+                              ensemble.members, ensemble.boosters, *extra)
     z = stacked_label_logits(graphdef, everything, base, batch)
     mixed = combine_logits(z[:m], ensemble.weights, batch["task_index"])
-    return boosted_logits(mixed, z[m:m + b], z[-1], ensemble.step_sizes, batch["task_index"])
+    return boosted_logits(mixed, z[m:m + b], z[-1] if given is None else given, ensemble.step_sizes,
+                          batch["task_index"])
 
 
 def ensemble_table_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, table: Table,
-                          batch_size: int, progress: str | None = None, mesh: Mesh | None = None) -> np.ndarray:
+                          batch_size: int, progress: str | None = None, mesh: Mesh | None = None,
+                          base_logits: np.ndarray | None = None) -> np.ndarray:
     """(N, K) ensemble logits over every row of ``table`` (needs ``task_index``), routed: the
     tasks that need the same members and boosters (:func:`active_calls`) are evaluated
     together by the :func:`restrict`-ed ensemble, so a member with α[t, m] = 0 never runs on
     task t's rows (:func:`routed_passes` counts the passes saved). Equal to
-    :func:`ensemble_logits` over the whole table. ``progress``, ``mesh``: as
-    :func:`table_outputs`."""
+    :func:`ensemble_logits` over the whole table. ``base_logits`` (N, K): the base model's
+    logits on these rows when already computed (the zero-shot evaluation's), so boosted
+    tasks do not run the base model again. ``progress``, ``mesh``: as :func:`table_outputs`."""
+    if base_logits is not None:
+        table = {**table, "base_logits": np.asarray(base_logits, np.float32)}
     task_index = np.asarray(table["task_index"])
     base, _ = on_mesh(mesh, base)
     calls = active_calls(ensemble)
@@ -152,7 +160,8 @@ def ensemble_table_logits(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.
 class BoostingRound(NamedTuple):
     """What a boosting learner sees: round ``index``, the chosen ``group``, its training
     ``rows`` (bool (N,)), the ensemble logits F and base logits z_base (N, K) of the
-    training table, and the group's validation rows with their ``offset_logits`` F − z_base
+    training table (z_base is computed on the rows of the groups chosen so far, the only
+    rows where boosting uses it, and 0 elsewhere), and the group's validation rows with their ``offset_logits`` F − z_base
     (None without validation data)."""
 
     index: int
@@ -181,37 +190,56 @@ def boost(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, train_tab
     num_tasks = ensemble.weights.shape[0]
     zero = stack_trees([zeros_like_member(ensemble.members)])
     current = ensemble_table_logits(graphdef, ensemble, base, train_table, batch_size, mesh=mesh)
-    base_logits = stacked_table_logits(graphdef, zero, base, train_table, batch_size, mesh=mesh)[0]
     if validation is not None:
         if validation_member_logits is not None and ensemble.step_sizes.shape[0] == 0:
             val_current = np.asarray(combine_logits(jnp.asarray(validation_member_logits), ensemble.weights,
                                                     jnp.asarray(validation["task_index"])))
         else:
             val_current = ensemble_table_logits(graphdef, ensemble, base, validation, batch_size, mesh=mesh)
-        val_base = stacked_table_logits(graphdef, zero, base, validation, batch_size, mesh=mesh)[0]
+    # z_base only where a round needs it: the chosen groups' rows (η is 0 elsewhere)
+    base_logits, val_base = np.zeros_like(current), None if validation is None else np.zeros_like(val_current)
+    known = {"train": np.zeros(len(current), bool), "validation": None if validation is None else
+             np.zeros(len(val_current), bool)}
+
+    def fill_base(logits: np.ndarray, table: Table, split: str, rows: np.ndarray) -> None:
+        todo = rows & ~known[split]
+        if todo.any():
+            logits[todo] = stacked_table_logits(graphdef, zero, base, {k: v[todo] for k, v in table.items()},
+                                                batch_size, mesh=mesh)[0]
+            known[split] |= todo
+
     chosen = []
     for r in range(steps):
         g = int(np.argmax(group_losses(current, train_table["label"], train_table["weight"],
                                        train_table["task_index"], groups)))
-        rows = np.isin(train_table["task_index"], groups[g]) & (train_table["weight"] > 0)
-        val_table = None
+        in_group = np.isin(train_table["task_index"], groups[g])
+        rows = in_group & (train_table["weight"] > 0)
+        fill_base(base_logits, train_table, "train", in_group)
+        val_table, val_in_group = None, None
         if validation is not None:
-            keep = np.isin(validation["task_index"], groups[g]) & (validation["weight"] > 0)
+            val_in_group = np.isin(validation["task_index"], groups[g])
+            fill_base(val_base, validation, "validation", val_in_group)
+            keep = val_in_group & (validation["weight"] > 0)
             val_table = {k: v[keep] for k, v in validation.items()}
             val_table["offset_logits"] = boosting_offsets(val_current[keep], val_base[keep])
         lora = learner(BoostingRound(r, g, rows, current, base_logits, val_table))
         etas = group_step_sizes(groups[g], num_tasks, step_size)
         ensemble = add_booster(ensemble, lora, etas)
 
-        def advance(logits: np.ndarray, table: Table, table_base: np.ndarray) -> np.ndarray:
-            booster = stacked_table_logits(graphdef, stack_trees([lora]), base, table, batch_size, mesh=mesh)
-            return np.asarray(boosted_logits(jnp.asarray(logits), jnp.asarray(booster), jnp.asarray(table_base),
-                                             jnp.asarray(etas)[None], jnp.asarray(table["task_index"])))
+        def advance(logits: np.ndarray, table: Table, table_base: np.ndarray, group_rows: np.ndarray) -> np.ndarray:
+            """F + η (z_booster − z_base) on the group's rows (η = 0 on the others)."""
+            part = {k: v[group_rows] for k, v in table.items()}
+            booster = stacked_table_logits(graphdef, stack_trees([lora]), base, part, batch_size, mesh=mesh)
+            logits = logits.copy()
+            logits[group_rows] = np.asarray(boosted_logits(
+                jnp.asarray(logits[group_rows]), jnp.asarray(booster), jnp.asarray(table_base[group_rows]),
+                jnp.asarray(etas)[None], jnp.asarray(part["task_index"])))
+            return logits
 
         if r + 1 < steps:
-            current = advance(current, train_table, base_logits)
+            current = advance(current, train_table, base_logits, in_group)
             if validation is not None:
-                val_current = advance(val_current, validation, val_base)
+                val_current = advance(val_current, validation, val_base, val_in_group)
         chosen.append(g)
     return ensemble, chosen
 

@@ -3,8 +3,9 @@ of a task suite, as checksummed shards plus a manifest.
 
 Layout under ``<run_dir>/gradients/<digest of the settings>/``: one safetensors shard per
 ``shard_examples`` examples of a task's split, ``<task>/<split>-<i>.safetensors`` (arrays
-``grads`` (n, d) or (n, K, d), ``f0`` (n,) or (n, K), ``label`` (n,), ``example`` (n,)
-split indices), each followed by ``<shard>.sha256``; ``manifest.json`` (model, LoRA config,
+``grads`` (n, d) or (n, K, d), ``f0`` (n,) or (n, K) (K > 2: logits minus class 0's, so
+column 0 is 0), ``label`` (n,), ``example`` (n,) split indices), each followed by
+``<shard>.sha256``; ``manifest.json`` (model, LoRA config,
 projector, feature space, strategy, dtype, shard list with checksums, and ``timing``: the
 wall seconds of the call that computed ``timed_shards`` of the ``shards``) is written last,
 with its own ``manifest.json.sha256`` (:func:`jax_ensemble.storage.atomic.write_verified`).
@@ -38,6 +39,8 @@ from jax_ensemble.training.mesh import BATCH_AXES, check_rows_fit, make_mesh, pu
 from jax_ensemble.training.progress import Progress
 
 GRADIENT_SPLITS = ("train", "validation")
+# v2: K > 2 outputs are logits relative to class 0 (v1 stored the K logits)
+GRADIENT_FORMAT = "jax-ensemble-gradients-v2"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +64,7 @@ def gradient_settings(config: Config) -> dict[str, Any]:
         "batch_size": config.gradients.batch_size,
         "shard_examples": config.gradients.shard_examples,
         "dtype": "float32",
+        "format": GRADIENT_FORMAT,
     }
 
 
@@ -90,7 +94,7 @@ def _check_finite(grads: np.ndarray, f0: np.ndarray, task: str, split: str, exam
 def _shard_bytes(grads: np.ndarray, f0: np.ndarray, labels: np.ndarray, examples: np.ndarray) -> bytes:
     return safetensors.numpy.save(
         {"grads": grads, "f0": f0, "label": labels, "example": examples.astype(np.int32)},
-        metadata={"format": "jax-ensemble-gradients-v1"},
+        metadata={"format": GRADIENT_FORMAT},
     )
 
 
@@ -175,13 +179,14 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     if not todo and previous is not None:
         timing = previous.get("timing", timing)
     manifest = {
-        "format": "jax-ensemble-gradients-v1",
+        "format": GRADIENT_FORMAT,
         "timing": timing,
         "settings": gradient_settings(config),
         "architecture": dataclasses.asdict(model.architecture),
         "projector": projector.metadata(),
         **feature_metadata(space, features),
-        "output": "binary: log-odds z_gold - z_other of the label-word logits (n,); K > 2: the K logits (n, K)",
+        "output": "binary: log-odds z_gold - z_other of the label-word logits (n,); K > 2: the K logits minus class 0's "
+                  "(n, K), column 0 zero (K - 1 backward passes)",
         "strategies_by_length": {str(t): s for t, s in sorted(strategies.items())},
         "tasks": [
             {

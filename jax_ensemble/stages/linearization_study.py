@@ -15,10 +15,10 @@ one compiled train step per run) it reports on the validation rows:
   mean(((f_lin − f) / max(|f|, |f0|))²) (the official code's measure), see
   :func:`jax_ensemble.core.linearize.linearization_errors`;
 - ``accuracy_f`` / ``accuracy_f_lin``: accuracy of the fine-tuned network and of its
-  linearization (binary: log-odds of the gold word > 0; K > 2: argmax of the K logits).
+  linearization (binary: log-odds of the gold word > 0; K > 2: argmax of (0, z_1 − z_0, …)).
 
 The output is the classification output of :mod:`jax_ensemble.models.lora_gradients` (binary
-log-odds z_gold − z_other, else the K label-word logits).
+log-odds z_gold − z_other, else the K − 1 log-odds z_k − z_0 against class 0).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jax_ensemble.config import Config
-from jax_ensemble.core.linearize import linearization_errors, linearize
+from jax_ensemble.core.linearize import linearization_errors, linearize, logits_of_output
 from jax_ensemble.data import load_suite, load_task, tokenize_split
 from jax_ensemble.data.tables import eval_batches, table_of_splits
 from jax_ensemble.figures import png_bytes, pyplot
@@ -71,14 +71,14 @@ def lora_weight_distance(lora: nnx.State, base: nnx.State, scaling: float) -> fl
 
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _outputs(lora: nnx.State, lora0: nnx.State, base: nnx.State, batch: Any, *, graphdef: nnx.GraphDef):
-    """(f(θ), f_lin(θ)) of one batch: (B,) or (B, K) each."""
+    """(f(θ), f_lin(θ)) of one batch: (B,) or (B, K − 1) each."""
     output = lora_output_fn(graphdef)
     fn = lambda p, x: output(p, nnx.State({}), base, x)  # noqa: E731  (binds jit arguments)
     return fn(lora, batch), linearize(fn, lora0)(lora, batch)
 
 
 def _correct(f: np.ndarray, label: np.ndarray) -> np.ndarray:
-    return (f > 0) if f.ndim == 1 else (np.argmax(f, axis=-1) == label)
+    return (f > 0) if f.ndim == 1 else (np.argmax(np.asarray(logits_of_output(f)), axis=-1) == label)
 
 
 def _evaluate(graphdef, lora, lora0, base, tables, batch_size) -> dict[str, np.ndarray]:
@@ -179,7 +179,7 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
         "tasks": [t.name for t in tasks],
         "train_rows": rows,
         "default_training_steps": default_steps,
-        "output": "binary: log-odds z_gold - z_other of the label-word logits; K > 2: the K logits",
+        "output": "binary: log-odds z_gold - z_other of the label-word logits; K > 2: the K - 1 log-odds z_k - z_0",
         "accuracy_f0": _summary(ev0, ev0)["accuracy_f"],
         "settings": settings,
     }

@@ -211,7 +211,7 @@ class Planner:
         features = [x for path, x in jax.tree_util.tree_flatten_with_path(self.lora)[0]
                     if "lora_b" in jax.tree_util.keystr(path)]
         p = sum(math.prod(x.shape) for x in features)
-        outputs = max(1 if k == 2 else k for k in self.classes)
+        outputs = max(1 if k == 2 else k - 1 for k in self.classes)  # classification_output's width
         costs = strategy_costs(num_params=p, dim=gc.dim, batch_size=gc.batch_size, outputs=outputs,
                                forward_flops=self.forward(gc.batch_size, max(self.classes)),
                                direction_chunk=min(gc.direction_chunk, gc.dim))
