@@ -17,10 +17,16 @@
    ``accuracy.png``, every adapter exported in PEFT format under ``peft/<name>/``, and,
    when ``jax-ensemble validate-estimates`` has run for this run's affinity stage,
    its errors and speedup plus ``estimates.png`` (estimated vs actual).
+
+Stages 4–5 compute each logit pass once: the members' validation logits serve the weight
+fit and boosting, the zero-shot test logits the boosted ensemble's base term, and every
+pass is kept under ``logits/`` (:mod:`jax_ensemble.stages.logit_cache`), so a rerun or a
+resumed run reads them back instead of running the network.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -44,6 +50,7 @@ from jax_ensemble.stages.adapters import adapter_fingerprint, adapters_for_plan,
 from jax_ensemble.stages.ensemble import boost_trained, ensemble_table_logits, on_mesh, stacked_table_logits
 from jax_ensemble.stages.estimate_validation import find_validation
 from jax_ensemble.stages.grouping import grouping_stage, load_affinity
+from jax_ensemble.stages.logit_cache import LogitCache, cached
 from jax_ensemble.stages.model import load_run_model
 from jax_ensemble.storage.atomic import atomic_write_json
 from jax_ensemble.training.engine import adapter_training, total_steps
@@ -176,10 +183,22 @@ def run(config: Config) -> Path:
     check_rows_fit(bs, mesh, "tasks.batch_size")
     base, _ = on_mesh(mesh, base)
 
+    # every logit pass below is kept under runs/<name>/logits/, keyed by its inputs: a rerun reads it back
+    cache = LogitCache(run_dir / "logits", {"model": config.model.cache_identity(), "lora": dataclasses.asdict(config.lora),
+                                            "batch_size": bs})
+
+    def stacked_logits(stacked: Any, table: Table, progress: str) -> np.ndarray:
+        return cached(cache, "stacked", stacked, table,
+                      lambda: stacked_table_logits(graphdef, stacked, base, table, bs, progress=progress, mesh=mesh))
+
+    def ensemble_logits(ensemble: ensemble_maths.Ensemble, table: Table, progress: str,
+                        base_logits: np.ndarray | None = None) -> np.ndarray:
+        return cached(cache, "ensemble", ensemble, table, lambda: ensemble_table_logits(
+            graphdef, ensemble, base, table, bs, progress=progress, mesh=mesh, base_logits=base_logits))
+
     def weighted(prefix: str, count: int) -> tuple[ensemble_maths.Ensemble, np.ndarray]:
         members = stack_trees([adapters[f"{prefix}-{g}"]["lora"] for g in range(count)])
-        logits = stacked_table_logits(graphdef, members, base, val, bs, progress=f"validation logits ({prefix} members)",
-                                      mesh=mesh)
+        logits = stacked_logits(members, val, f"validation logits ({prefix} members)")
         alpha = ensemble_maths.prune_weights(ensemble_maths.fit_ensemble_weights(
             logits, val["label"], val["weight"], val["task_index"], len(names),
             per_task=config.ensemble.per_task_weights, solver=config.ensemble.weights_solver),
@@ -195,7 +214,7 @@ def run(config: Config) -> Path:
             steps=config.ensemble.boosting_steps, step_size=config.ensemble.step_size, seed=config.seed,
             batch_size=bs, validation=val, validation_member_logits=group_val_logits,
             run_dir=run_dir / "adapters", fingerprint={**adapter_fingerprint(config, names), "groups": groups},
-            progress=True)
+            progress=True, cache=cache)
         for r, g in enumerate(chosen):
             group_rows = int(np.isin(tables["train"]["task_index"], groups[g]).sum())
             adapters[f"boost-{r}"] = {"lora": jax.tree.map(lambda x: x[r], grouped.boosters),
@@ -204,22 +223,18 @@ def run(config: Config) -> Path:
 
     clock.start("evaluation", "per-task test accuracy")
     test = tables["test"]
-    single = stacked_table_logits(graphdef, stack_trees([adapters["single"]["lora"]]), base, test, bs,
-                                  progress="test: single adapter", mesh=mesh)[0]
-    zero = stacked_table_logits(graphdef, stack_trees([zeros_like_member(stack_trees([lora0]))]), base, test, bs,
-                                progress="test: zero-shot", mesh=mesh)[0]
+    single = stacked_logits(stack_trees([adapters["single"]["lora"]]), test, "test: single adapter")[0]
+    zero = stacked_logits(stack_trees([zeros_like_member(stack_trees([lora0]))]), test, "test: zero-shot")[0]
     per_task = {  # the zero-shot logits are also the boosted ensemble's base term z_base
         "zero_shot": per_task_accuracy(zero, test, names),
         "single_adapter": per_task_accuracy(single, test, names),
-        "ensemble": per_task_accuracy(ensemble_table_logits(graphdef, grouped, base, test, bs, progress="test: ensemble",
-                                                            mesh=mesh, base_logits=zero), test, names),
+        "ensemble": per_task_accuracy(ensemble_logits(grouped, test, "test: ensemble", base_logits=zero), test, names),
     }
     passes = {"ensemble": ensemble_maths.routed_passes(grouped, test["task_index"])}
     if random_groups:
         random_ensemble, _ = weighted("random", len(random_groups))
         per_task["random_groups"] = per_task_accuracy(
-            ensemble_table_logits(graphdef, random_ensemble, base, test, bs, progress="test: random groups", mesh=mesh),
-            test, names)
+            ensemble_logits(random_ensemble, test, "test: random groups"), test, names)
         passes["random_groups"] = ensemble_maths.routed_passes(random_ensemble, test["task_index"])
     average = {method: float(np.mean(list(acc.values()))) for method, acc in per_task.items()}
     flops = compute_flops(config, loaded.architecture, tables, adapters, affinity, passes)

@@ -49,13 +49,18 @@ def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
     trained = {p: p.read_text() for p in (tmp_path / "adapters").glob("*/metrics.jsonl")}
     assert {p.parent.name for p in trained} >= {"single", "group-0", "random-0", "boost-0"}
     check_estimates(tmp_path)
+    logits = sorted(p.name for p in (tmp_path / "logits").glob("*.npy"))
+    assert len(logits) >= 6  # validation members (2 sets), boosting, test: single, zero-shot, 2 ensembles
     # a rerun reuses every finished stage and adapter (boosting included: nothing is trained
-    # again), reproduces the numbers, and now reports the estimates-vs-fine-tuning check
+    # again), reads every logit pass back (no network pass: no progress lines), reproduces the
+    # numbers, and now reports the estimates-vs-fine-tuning check
     again = cli("run", "--config", "tiny", f"run_dir={tmp_path}", timeout=2400)
     assert again.returncode == 0, again.stderr[-3000:]
     rerun = json.loads((tmp_path / "metrics.json").read_text())
     assert rerun["per_task_accuracy"] == metrics["per_task_accuracy"]
     assert {p: p.read_text() for p in trained} == trained
+    assert sorted(p.name for p in (tmp_path / "logits").glob("*.npy")) == logits
+    assert "validation logits" not in again.stderr and "test: ensemble" not in again.stderr, again.stderr[-2000:]
     assert rerun["estimate_validation"]["subsets"] == 2 and (tmp_path / "estimates.png").is_file()
     assert "![estimates](estimates.png)" in (tmp_path / "report.md").read_text()
     killed_in_every_stage_then_resumed(tmp_path / "faults", metrics)

@@ -54,6 +54,7 @@ from jax_ensemble.errors import ConfigError, DataError
 from jax_ensemble.models.classification import lora_label_logits_fn
 from jax_ensemble.models.lora_gradients import lora_feature_split
 from jax_ensemble.stages.gradients import SplitGradients
+from jax_ensemble.stages.logit_cache import LogitCache, cached
 from jax_ensemble.training.engine import train
 from jax_ensemble.training.losses import boosting_objective
 from jax_ensemble.training.mesh import put_batch, put_tree, to_host
@@ -179,23 +180,33 @@ Learner = Callable[[BoostingRound], Any]
 def boost(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, train_table: Table,
           groups: Sequence[Sequence[int]], learner: Learner, *, steps: int, step_size: float = DEFAULT_STEP_SIZE,
           batch_size: int = 32, validation: Table | None = None,
-          validation_member_logits: np.ndarray | None = None, mesh: Mesh | None = None) -> tuple[Ensemble, list[int]]:
+          validation_member_logits: np.ndarray | None = None, mesh: Mesh | None = None,
+          cache: LogitCache | None = None) -> tuple[Ensemble, list[int]]:
     """``steps`` boosting rounds on the training table (needs ``task_index``): each picks the
     group g with the highest training loss under the current ensemble (:func:`group_losses`),
     gets an adapter from ``learner`` for g's rows and adds it with η = ``step_size`` on g's
     tasks. With ``validation``, each learner also gets g's validation rows with the current
     ensemble's offsets (``validation_member_logits`` (M, Nv, K): the members' logits there,
-    when already computed). ``mesh``: inference on the mesh (:func:`table_outputs`). Returns
-    the boosted ensemble and the group chosen in each round."""
+    when already computed). ``mesh``: inference on the mesh (:func:`table_outputs`);
+    ``cache``: every logit pass read from / written to it. Returns the boosted ensemble
+    and the group chosen in each round."""
     num_tasks = ensemble.weights.shape[0]
     zero = stack_trees([zeros_like_member(ensemble.members)])
-    current = ensemble_table_logits(graphdef, ensemble, base, train_table, batch_size, mesh=mesh)
+    def ensemble_on(table: Table) -> np.ndarray:
+        return cached(cache, "ensemble", ensemble, table,
+                      lambda: ensemble_table_logits(graphdef, ensemble, base, table, batch_size, mesh=mesh))
+
+    def stacked_on(adapters: Any, table: Table) -> np.ndarray:
+        return cached(cache, "stacked", adapters, table,
+                      lambda: stacked_table_logits(graphdef, adapters, base, table, batch_size, mesh=mesh))
+
+    current = ensemble_on(train_table)
     if validation is not None:
         if validation_member_logits is not None and ensemble.step_sizes.shape[0] == 0:
             val_current = np.asarray(combine_logits(jnp.asarray(validation_member_logits), ensemble.weights,
                                                     jnp.asarray(validation["task_index"])))
         else:
-            val_current = ensemble_table_logits(graphdef, ensemble, base, validation, batch_size, mesh=mesh)
+            val_current = ensemble_on(validation)
     # z_base only where a round needs it: the chosen groups' rows (η is 0 elsewhere)
     base_logits, val_base = np.zeros_like(current), None if validation is None else np.zeros_like(val_current)
     known = {"train": np.zeros(len(current), bool), "validation": None if validation is None else
@@ -204,8 +215,7 @@ def boost(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, train_tab
     def fill_base(logits: np.ndarray, table: Table, split: str, rows: np.ndarray) -> None:
         todo = rows & ~known[split]
         if todo.any():
-            logits[todo] = stacked_table_logits(graphdef, zero, base, {k: v[todo] for k, v in table.items()},
-                                                batch_size, mesh=mesh)[0]
+            logits[todo] = stacked_on(zero, {k: v[todo] for k, v in table.items()})[0]
             known[split] |= todo
 
     chosen = []
@@ -229,7 +239,7 @@ def boost(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, train_tab
         def advance(logits: np.ndarray, table: Table, table_base: np.ndarray, group_rows: np.ndarray) -> np.ndarray:
             """F + η (z_booster − z_base) on the group's rows (η = 0 on the others)."""
             part = {k: v[group_rows] for k, v in table.items()}
-            booster = stacked_table_logits(graphdef, stack_trees([lora]), base, part, batch_size, mesh=mesh)
+            booster = stacked_on(stack_trees([lora]), part)
             logits = logits.copy()
             logits[group_rows] = np.asarray(boosted_logits(
                 jnp.asarray(logits[group_rows]), jnp.asarray(booster), jnp.asarray(table_base[group_rows]),
@@ -254,13 +264,13 @@ def boost_trained(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.Sta
                   steps: int = 1, step_size: float = DEFAULT_STEP_SIZE, seed: int = 0, batch_size: int = 32,
                   validation: Table | None = None, validation_member_logits: np.ndarray | None = None,
                   run_dir: str | Path | None = None, fingerprint: Mapping[str, Any] | None = None,
-                  progress: bool = True) -> tuple[Ensemble, list[int]]:
+                  progress: bool = True, cache: LogitCache | None = None) -> tuple[Ensemble, list[int]]:
     """Trained boosting (:func:`boost`): each round trains ``init_lora`` (a fresh adapter,
     B = 0) on the chosen group's rows under the boosting objective with the training
     engine (``config``; data order and seed ``seed + round``; validation and early
     stopping on the group's validation rows when given). With ``run_dir`` round r
     checkpoints under ``run_dir/boost-<r>/`` with ``fingerprint`` plus the round and
-    group, so a rerun restores it instead of training."""
+    group, so a rerun restores it instead of training; ``cache`` as in :func:`boost`."""
     _check_fresh(init_lora)
 
     def learner(round_: BoostingRound) -> Any:
@@ -278,7 +288,7 @@ def boost_trained(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.Sta
 
     return boost(graphdef, ensemble, base, train_table, groups, learner, steps=steps, step_size=step_size,
                  batch_size=batch_size, validation=validation, validation_member_logits=validation_member_logits,
-                 mesh=mesh)
+                 mesh=mesh, cache=cache)
 
 
 def boost_closed_form(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.State, base: nnx.State,

@@ -11,7 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
+
+import numpy as np
 
 
 def sha256_hex(data: bytes) -> str:
@@ -31,6 +33,17 @@ def sha256_file(path: str | Path) -> str:
 def digest(obj: Any) -> str:
     """16 hex digits of the sha256 of ``obj`` as sorted-key JSON: a stable key of settings."""
     return sha256_hex(json.dumps(obj, sort_keys=True).encode())[:16]
+
+
+def arrays_digest(arrays: Mapping[str, Any]) -> str:
+    """16 hex digits of the sha256 of named arrays (``{name: array-like}``, e.g. a flattened
+    pytree or a table): every name, dtype, shape and byte enters, in sorted name order."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(np.asarray(arrays[name]))
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
 
 
 def stage_dir(run_dir: str | Path, stage: str, key: Any) -> Path:
