@@ -402,6 +402,12 @@ def config_to_dict(config: Config) -> dict[str, Any]:
     return dataclasses.asdict(config)
 
 
+def config_identity(config: Config) -> dict[str, Any]:
+    """:func:`config_to_dict` for digests: the training options added later enter only when
+    set (:meth:`TrainingConfig.identity`), so a digest taken before they existed still holds."""
+    return {**config_to_dict(config), "training": config.training.identity()}
+
+
 def config_hash(config: Config) -> str:
-    """A short stable digest of the resolved config."""
-    return digest(config_to_dict(config))
+    """A short stable digest of the resolved config (:func:`config_identity`)."""
+    return digest(config_identity(config))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.stats
 from sklearn.metrics import accuracy_score, log_loss
 from test_cli import assert_one_line_error, cli
 
@@ -44,6 +45,20 @@ def test_summarize_is_the_mean_of_pairwise_errors():
     assert errors["weight_space"]["mean_relative_error_loss"] == pytest.approx((0 + 1.0) / 2)
     assert errors["linear"]["loss_correlation"] == pytest.approx(1.0)  # two points: the sign of the slope
     assert np.isnan(errors["base"]["loss_correlation"])  # a constant predictor has no correlation
+
+
+def test_spearman_matches_scipy_with_ties():
+    rng = np.random.default_rng(1)
+    actual = rng.normal(size=(40, 2)).round(1)  # ties on purpose
+    linear = actual + rng.normal(size=(40, 2)) * 0.5
+    linear[:5] = linear[0]  # a run of tied estimates
+    pairs = [_pair(a, e, a, (0.7, 0.5)) for a, e in zip(actual, linear)]
+    errors = summarize(pairs)
+    for key, column in (("loss_spearman", 0), ("accuracy_spearman", 1)):
+        expected = scipy.stats.spearmanr(linear[:, column], actual[:, column]).statistic
+        assert errors["linear"][key] == pytest.approx(expected, rel=1e-9)
+    assert errors["weight_space"]["loss_spearman"] == pytest.approx(1.0)
+    assert np.isnan(errors["base"]["loss_spearman"])
 
 
 def test_per_task_groups_the_pairs_of_each_task_worst_first():

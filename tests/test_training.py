@@ -70,8 +70,10 @@ def test_lora_gradient_matches_finite_differences():
     assert numeric == pytest.approx(analytic, rel=2e-2)
 
 
-def _hand_adamw(params, grads_fn, steps, lr_fn, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, clip=0.0):
-    """AdamW with bias correction, decoupled weight decay and global-norm clipping, in numpy."""
+def _hand_adamw(params, grads_fn, steps, lr_fn, b1=0.9, b2=0.999, eps=1e-8, wd=0.0, clip=0.0, to_init=0.0):
+    """AdamW with bias correction, decoupled weight decay (toward 0: ``wd``; toward the
+    start: ``to_init``) and global-norm clipping, in numpy."""
+    start = params.copy()
     m = np.zeros_like(params)
     v = np.zeros_like(params)
     for t in range(steps):
@@ -84,15 +86,18 @@ def _hand_adamw(params, grads_fn, steps, lr_fn, b1=0.9, b2=0.999, eps=1e-8, wd=0
         m_hat = m / (1 - b1 ** (t + 1))
         v_hat = v / (1 - b2 ** (t + 1))
         lr = lr_fn(t)
-        params = params - lr * (m_hat / (np.sqrt(v_hat) + eps) + wd * params)
+        params = params - lr * (m_hat / (np.sqrt(v_hat) + eps) + wd * params + to_init * (params - start))
     return params
 
 
-def test_train_step_matches_hand_written_adamw_on_a_quadratic():
+@pytest.mark.parametrize("to_init", [0.0, 0.7])
+def test_train_step_matches_hand_written_adamw_on_a_quadratic(to_init):
     """loss = Σ_i w_i·½‖θ − x_i‖² / Σ w_i; warm-up 2 then cosine to 0 over 6 steps; clipping 0.5;
-    weight decay 0.1; 2 micro-batches. Reference: numpy AdamW (relative tolerance 1e-5)."""
+    weight decay 0.1 (and 0.7 toward the start θ0 ≠ 0); 2 micro-batches. Reference: numpy
+    AdamW (relative tolerance 1e-5)."""
     config = TrainingConfig(learning_rate=0.1, warmup_steps=2, max_steps=6, batch_size=4,
-                            grad_accum_steps=2, max_grad_norm=0.5, weight_decay=0.1)
+                            grad_accum_steps=2, max_grad_norm=0.5, weight_decay=0.1, l2_to_init=to_init)
+    start = np.array([0.3, -0.2, 0.5], np.float32)
     rng = np.random.default_rng(0)
     xs = rng.normal(size=(4, 3)).astype(np.float32)
     weights = np.array([1.0, 2.0, 0.5, 1.5], np.float32)
@@ -103,7 +108,7 @@ def test_train_step_matches_hand_written_adamw_on_a_quadratic():
 
     optimizer = make_optimizer(config, config.max_steps)
     step = jax.jit(make_train_step(loss_fn, optimizer, seed=0, dropout=False))
-    state = init_state({"theta": jnp.zeros(3)}, optimizer)
+    state = init_state({"theta": jnp.asarray(start)}, optimizer)
     batch = {"x": jnp.asarray(xs.reshape(2, 2, 3)), "weight": jnp.asarray(weights.reshape(2, 2))}
     for _ in range(config.max_steps):
         state, _ = step(state, None, batch)
@@ -114,9 +119,41 @@ def test_train_step_matches_hand_written_adamw_on_a_quadratic():
         return 0.1 * 0.5 * (1 + math.cos(math.pi * (t - 2) / 4))
 
     grads_fn = lambda p: (weights[:, None] * (p[None] - xs)).sum(0) / weights.sum()  # noqa: E731
-    expected = _hand_adamw(np.zeros(3), grads_fn, 6, lr_fn, wd=0.1, clip=0.5)
-    np.testing.assert_allclose(np.asarray(state.lora["theta"]), expected, rtol=1e-5, atol=1e-7)
+    expected = _hand_adamw(start.astype(np.float64), grads_fn, 6, lr_fn, wd=0.1, clip=0.5, to_init=to_init)
+    # float32 against float64: 1e-5 of the parameters' scale (a component passing near 0 keeps its
+    # absolute float32 error, ~2e-6 here)
+    np.testing.assert_allclose(np.asarray(state.lora["theta"]), expected, rtol=1e-5, atol=1e-5)
     assert int(state.step) == 6
+
+
+def test_frozen_lora_a_keeps_its_initialisation_and_has_no_optimizer_state():
+    """``train_lora_a: false`` (LoRA-FA): every A leaf ends bitwise at its init, B trains, and
+    the optimizer holds Adam moments for the B leaves only."""
+    graphdef, lora, base = tiny_split()
+    table = synthetic_table(16)
+    config = TrainingConfig(learning_rate=5e-2, warmup_steps=0, max_steps=4, batch_size=8, train_lora_a=False)
+    result = train(classification_objective(graphdef), lora, base, table, config, make_mesh(MeshConfig()), seeds=[0],
+                   progress=False)
+    paths = lambda tree: {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}  # noqa: E731
+    before, after = paths(lora), paths(result.lora)
+    assert any("lora_a" in k for k in before) and any("lora_b" in k for k in before)
+    for k in before:
+        moved = not np.array_equal(np.asarray(before[k]), np.asarray(after[k]))
+        assert moved == ("lora_b" in k), k
+    optimizer = make_optimizer(config, 4)
+    state_floats = sum(x.size for x in jax.tree.leaves(optimizer.init(lora)) if x.ndim > 0)
+    b_floats = sum(x.size for k, x in before.items() if "lora_b" in k)
+    assert state_floats == 2 * b_floats  # Adam's m and v for B only
+    full = make_optimizer(TrainingConfig(), 4)
+    assert sum(x.size for x in jax.tree.leaves(full.init(lora)) if x.ndim > 0) == 2 * sum(x.size for x in before.values())
+
+
+def test_recipe_options_enter_fingerprints_only_when_set():
+    """Adapters checkpointed before l2_to_init / train_lora_a existed keep their fingerprint."""
+    plain = TrainingConfig().identity()
+    assert "l2_to_init" not in plain and "train_lora_a" not in plain and plain["learning_rate"] == 5e-4
+    assert TrainingConfig(l2_to_init=0.1).identity()["l2_to_init"] == 0.1
+    assert TrainingConfig(train_lora_a=False).identity()["train_lora_a"] is False
 
 
 def test_gradient_accumulation_equals_full_batch():
@@ -272,6 +309,7 @@ def test_non_finite_loss_is_a_clear_error():
          "not divisible by the mesh's data axes"),
         (["training.batch_size=6", "training.grad_accum_steps=4"], "not divisible by training.grad_accum_steps"),
         (["mesh.data=-1", "mesh.fsdp=-1"], "at most one of"),
+        (["training.l2_to_init=-0.1"], "training.l2_to_init must be >= 0"),
     ],
 )
 def test_bad_config_is_one_clear_line(overrides, message):

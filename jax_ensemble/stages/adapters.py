@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Sequence
 
-from jax_ensemble.config import Config, config_to_dict
+from jax_ensemble.config import Config, config_identity
 from jax_ensemble.data import load_suite, tokenize_split
 from jax_ensemble.data.tables import Table, num_rows, rows_of, table_of_splits
 from jax_ensemble.models.tokenizer import Tokenizer
@@ -40,7 +40,7 @@ def adapter_fingerprint(config: Config, task_names: Sequence[str]) -> dict[str, 
     training settings and seed, and the tasks it trains on (not the config's name, run
     directory, mesh or later stages' settings), so ``jax-ensemble train`` and ``run`` share
     a finished adapter and a renamed config still resumes."""
-    settings = {**config_to_dict(config), "model": config.model.cache_identity()}
+    settings = {**config_identity(config), "model": config.model.cache_identity()}
     return {"settings": {k: settings[k] for k in ("model", "lora", "tasks", "training", "seed")},
             "tasks": list(task_names)}
 

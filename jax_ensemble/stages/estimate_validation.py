@@ -29,7 +29,6 @@ recipe. Results go to ``<run_dir>/validate-estimates/<digest>/``: ``validation.j
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -75,14 +74,27 @@ def task_scores(logits: np.ndarray, labels: np.ndarray, task_index: np.ndarray,
     return {int(t): (float(losses[task_index == t].mean()), float(hits[task_index == t].mean())) for t in tasks}
 
 
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """Ranks 0…n−1 of ``x`` (n,), ties sharing the mean of their positions."""
+    positions = np.empty(len(x))
+    positions[np.argsort(x, kind="stable")] = np.arange(len(x))
+    _, tie, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(tie, weights=positions) / counts)[tie]
+
+
 def summarize(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Mean errors of every predictor over the (subset, task) pairs, and Pearson correlations
-    of estimated with actual loss and accuracy (NaN when either side is constant)."""
+    """Mean errors of every predictor over the (subset, task) pairs, and the Pearson and
+    Spearman (Pearson of average ranks) correlations of estimated with actual loss and
+    accuracy (NaN when either side is constant). Grouping needs the ranking more than the
+    values, hence Spearman."""
     actual_loss = np.array([p["actual"]["loss"] for p in pairs])
     actual_acc = np.array([p["actual"]["accuracy"] for p in pairs])
 
     def corr(x: np.ndarray, y: np.ndarray) -> float:
         return float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
+
+    def rank_corr(x: np.ndarray, y: np.ndarray) -> float:
+        return corr(average_ranks(x), average_ranks(y))
 
     out = {}
     for name in PREDICTORS:
@@ -93,6 +105,8 @@ def summarize(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "mean_abs_error_accuracy": float(np.mean(np.abs(acc - actual_acc))),
             "loss_correlation": corr(loss, actual_loss),
             "accuracy_correlation": corr(acc, actual_acc),
+            "loss_spearman": rank_corr(loss, actual_loss),
+            "accuracy_spearman": rank_corr(acc, actual_acc),
         }
     return out
 
@@ -164,7 +178,7 @@ def timing(gradient_timing: Mapping[str, Any] | None, solve_seconds: float,
 
 def output_dir(config: Config, affinity_directory: Path, num_subsets: int) -> Path:
     """``<run_dir>/validate-estimates/<digest of the affinity stage, training settings and K>``."""
-    key = {"affinity": affinity_directory.name, "training": dataclasses.asdict(config.training), "subsets": num_subsets}
+    key = {"affinity": affinity_directory.name, "training": config.training.identity(), "subsets": num_subsets}
     return stage_dir(config.resolved_run_dir(), "validate-estimates", key)
 
 

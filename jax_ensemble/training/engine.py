@@ -12,7 +12,8 @@ finite checks, per-step metrics (``metrics.jsonl`` and TensorBoard events,
 
 Functional pieces (reusable with any ``loss_fn``):
 
-- :func:`make_optimizer` — clip(global norm) → AdamW with linear warm-up then cosine decay;
+- :func:`make_optimizer` — clip(global norm) → AdamW with linear warm-up then cosine decay
+  (optionally decaying toward the initial adapter, or with LoRA A frozen);
 - :func:`make_train_step` — one optimizer step over ``grad_accum_steps`` micro-batches
   (batch leaves shaped (A, b, ...)): the gradient is Σ_micro ∇Σ_i w_i ℓ_i / Σ w_i, exactly
   the full batch's weighted-mean gradient; LoRA dropout keys are fold_in(seed, step, micro);
@@ -85,12 +86,38 @@ def learning_rate_schedule(config: TrainingConfig, total_steps: int) -> optax.Sc
     )
 
 
+def decay_toward_init(rate: float) -> optax.GradientTransformation:
+    """u ↦ u + rate·(θ − θ0), θ0 the parameters the state was initialised with (kept in the
+    state): decoupled weight decay toward the start instead of toward 0."""
+
+    def init(params: Any) -> Any:
+        return jax.tree.map(jnp.copy, params)
+
+    def update(updates: Any, start: Any, params: Any = None) -> tuple[Any, Any]:
+        return jax.tree.map(lambda u, p, p0: u + rate * (p - p0), updates, params, start), start
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(config: TrainingConfig, total_steps: int) -> optax.GradientTransformation:
-    """clip_by_global_norm(max_grad_norm) (if > 0), then AdamW(schedule, weight_decay)."""
-    adamw = optax.adamw(learning_rate_schedule(config, total_steps), weight_decay=config.weight_decay)
-    if config.max_grad_norm > 0:
-        return optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adamw)
-    return adamw
+    """clip_by_global_norm(max_grad_norm) (if > 0), then AdamW(schedule, weight_decay), with
+    ``l2_to_init`` > 0 the decay toward θ0 (:func:`decay_toward_init`) beside AdamW's own, and
+    with ``train_lora_a`` false no update (and no state) for the ``lora_a`` leaves."""
+    schedule = learning_rate_schedule(config, total_steps)
+    if config.l2_to_init > 0:  # AdamW's chain with one more decoupled decay before the learning rate
+        adam = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(config.weight_decay),
+                           decay_toward_init(config.l2_to_init), optax.scale_by_learning_rate(schedule))
+    else:
+        adam = optax.adamw(schedule, weight_decay=config.weight_decay)
+    optimizer = optax.chain(optax.clip_by_global_norm(config.max_grad_norm), adam) if config.max_grad_norm > 0 else adam
+    if config.train_lora_a:
+        return optimizer
+
+    def labels(params: Any) -> Any:
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if "lora_a" in jax.tree_util.keystr(path) else "trained", params)
+
+    return optax.multi_transform({"trained": optimizer, "frozen": optax.set_to_zero()}, labels)
 
 
 def init_state(lora: Any, optimizer: optax.GradientTransformation) -> TrainState:
@@ -291,7 +318,7 @@ def train(
         in_shardings=(state_shardings, base_shardings, batch_shardings),
         out_shardings=(state_shardings, NamedSharding(mesh, P())),
     )
-    fingerprint = {**dict(fingerprint or {}), "training": dataclasses.asdict(config),
+    fingerprint = {**dict(fingerprint or {}), "training": config.identity(),
                    "seed": seeds if stacked else seeds[0], "rows": rows}
     fingerprint = json.loads(json.dumps(fingerprint))
     writer = MetricsWriter(run_dir)

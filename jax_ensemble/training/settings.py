@@ -9,6 +9,7 @@ construction and raise :class:`~jax_ensemble.errors.ConfigError` naming the key;
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from jax_ensemble.errors import ConfigError, check_choice
 
@@ -54,6 +55,9 @@ class MeshConfig:
 
 
 TRAINING_BUDGETS = ("epochs", "equal")
+# training options added after adapters were first checkpointed, with their defaults: they
+# enter a fingerprint only when set (TrainingConfig.identity)
+LATER_DEFAULTS: dict[str, Any] = {"l2_to_init": 0.0, "train_lora_a": True}
 """How long each adapter of a multi-adapter job trains (see :class:`TrainingConfig`)."""
 
 
@@ -76,6 +80,12 @@ class TrainingConfig:
     single adapter's steps); ``equal``, every adapter gets the steps of one adapter on all
     the job's rows, so adapters are compared at equal optimizer steps (and, with
     ``patience`` > 0, each stops when its own validation loss stops improving, under that cap).
+
+    Recipes that keep the fine-tune near its start θ0 (where the first-order estimates of
+    the affinity stage hold): ``l2_to_init`` > 0 adds the decoupled decay
+    −lr·l2_to_init·(θ − θ0) to every update (weight decay toward the initial adapter, not
+    toward 0); ``train_lora_a`` false freezes every LoRA A at its initialisation (LoRA-FA:
+    B alone trains, A gets no update and no optimizer state, halving it).
     """
 
     learning_rate: float = 5e-4
@@ -92,6 +102,8 @@ class TrainingConfig:
     checkpoint_every: int = 50
     keep_last: int = 2
     budget: str = "epochs"
+    l2_to_init: float = 0.0
+    train_lora_a: bool = True
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -112,8 +124,14 @@ class TrainingConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"training.{key} must be >= 1, got {getattr(self, key)}")
         check_choice("training.budget", self.budget, TRAINING_BUDGETS)
-        if self.max_grad_norm < 0 or self.weight_decay < 0:
-            raise ConfigError("training.max_grad_norm and training.weight_decay must be >= 0")
+        if self.max_grad_norm < 0 or self.weight_decay < 0 or self.l2_to_init < 0:
+            raise ConfigError("training.max_grad_norm, training.weight_decay and training.l2_to_init must be >= 0")
+
+    def identity(self) -> dict[str, Any]:
+        """The settings as data for checkpoint fingerprints and cache keys: every field,
+        except that the recipe options added later (:data:`LATER_DEFAULTS`) enter only when
+        they differ from their default, so adapters trained before they existed stay valid."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if LATER_DEFAULTS.get(k, object()) != v}
 
     @property
     def micro_batch_size(self) -> int:
