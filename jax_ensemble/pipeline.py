@@ -53,7 +53,8 @@ from jax_ensemble.stages.grouping import grouping_stage, load_affinity
 from jax_ensemble.stages.logit_cache import LogitCache, cached
 from jax_ensemble.stages.model import load_run_model
 from jax_ensemble.storage.atomic import atomic_write_json
-from jax_ensemble.training.engine import adapter_training, total_steps
+from jax_ensemble.training.engine import Evaluator, adapter_training, total_steps
+from jax_ensemble.training.losses import classification_objective
 from jax_ensemble.training.mesh import check_rows_fit, make_mesh
 
 log = logging.getLogger(__name__)
@@ -196,9 +197,26 @@ def run(config: Config) -> Path:
         return cached(cache, "ensemble", ensemble, table, lambda: ensemble_table_logits(
             graphdef, ensemble, base, table, bs, progress=progress, mesh=mesh, base_logits=base_logits))
 
+    evaluator = Evaluator(classification_objective(graphdef), base, mesh, config.training.eval_batch_size)
+
+    def validation_logits(name: str) -> np.ndarray:
+        """(N, K) logits of adapter ``name`` on every validation row: its own tasks' rows from
+        its training's last evaluation (or, for an adapter restored without one, from the same
+        evaluation program on the same rows: the same numbers), the other rows computed here."""
+        adapter = adapters[name]
+        own = np.isin(val["task_index"], [index[t] for t in adapter["tasks"]])
+        known, own_rows = adapter.get("validation_logits"), {k: v[own] for k, v in val.items()}
+        logits = np.empty((len(own), val["label_token_ids"].shape[1]), np.float32)
+        logits[own] = cached(cache, "evaluation", adapter["lora"], own_rows,
+                             (lambda: known) if known is not None else lambda: evaluator(adapter["lora"], own_rows)["logits"])
+        if not own.all():
+            rest = {k: v[~own] for k, v in val.items()}
+            logits[~own] = stacked_logits(stack_trees([adapter["lora"]]), rest, f"validation logits ({name})")[0]
+        return logits
+
     def weighted(prefix: str, count: int) -> tuple[ensemble_maths.Ensemble, np.ndarray]:
         members = stack_trees([adapters[f"{prefix}-{g}"]["lora"] for g in range(count)])
-        logits = stacked_logits(members, val, f"validation logits ({prefix} members)")
+        logits = np.stack([validation_logits(f"{prefix}-{g}") for g in range(count)])
         alpha = ensemble_maths.prune_weights(ensemble_maths.fit_ensemble_weights(
             logits, val["label"], val["weight"], val["task_index"], len(names),
             per_task=config.ensemble.per_task_weights, solver=config.ensemble.weights_solver),
@@ -262,7 +280,7 @@ def run(config: Config) -> Path:
         "peak_memory_bytes": accounting.peak_memory_bytes(),
         "training_budget": {"rule": config.training.budget, "patience": config.training.patience,
                             "max_steps": adapter_training(config.training, num_rows(tables["train"])).max_steps},
-        "adapters": {n: {k: v for k, v in a.items() if k != "lora"} for n, a in adapters.items()},
+        "adapters": {n: {k: v for k, v in a.items() if k not in ("lora", "validation_logits")} for n, a in adapters.items()},
         "test_examples": int(len(test["label"])),
         "stage_seconds": clock.stop(),  # the report stage up to here: PEFT export (metrics and PNGs follow)
         "wall_seconds": round(time.perf_counter() - started, 1),

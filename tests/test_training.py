@@ -21,6 +21,7 @@ from jax_ensemble.errors import ConfigError, TrainingError
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.lora import merge_lora
 from jax_ensemble.training.engine import (
+    Evaluator,
     adapter_training,
     early_stopping_update,
     init_state,
@@ -210,8 +211,15 @@ def test_train_logs_checkpoints_stops_early_and_resumes(tmp_path):
     assert len(val) - 1 - best == 2
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()) == [result.step - 2, result.step]
     assert_tensorboard_matches_jsonl(tmp_path)
+    # the returned (best) adapter's validation logits come back from its evaluation, bitwise
+    # what the same evaluation program gives on the same rows, in table order
+    evaluator = Evaluator(objective, base, mesh, config.eval_batch_size)
+    np.testing.assert_array_equal(result.validation_logits, evaluator(result.lora, flipped)["logits"])
+    direct = np.asarray(label_logits(merge_lora(graphdef, result.lora, base), {k: jnp.asarray(v) for k, v in flipped.items()}))
+    np.testing.assert_allclose(result.validation_logits, direct, rtol=1e-4, atol=1e-4)
     again = train(objective, lora, base, table, config, mesh, seeds=[0], validation=flipped, run_dir=tmp_path,
                   progress=False)
+    assert again.validation_logits is None  # restored at the end: nothing evaluated in this call
     assert again.step == result.step and again.checkpoint == result.checkpoint
     for a, b in zip(jax.tree.leaves(result.lora), jax.tree.leaves(again.lora)):
         assert np.array_equal(np.asarray(a), np.asarray(b))

@@ -58,7 +58,9 @@ def adapters_for_plan(config: Config, plan: dict[str, list[int]], graphdef, lora
     """Train one adapter per entry of ``plan`` (name → task indices into ``names``) on the
     rows of ``tables["train"]`` (early stopping on ``tables["validation"]``; the length of each
     follows ``training.budget`` over all of ``tables["train"]``'s rows); returns
-    name → {lora (host arrays), steps, rows, seconds (training wall time, None if unknown), tasks}."""
+    name → {lora (host arrays), steps, rows, seconds (training wall time, None if unknown), tasks,
+    validation_logits: its logits on the validation rows of its tasks (table order), from
+    training's last evaluation of it, or None when restored without evaluating}."""
     mesh = make_mesh(config.mesh)
     training = adapter_training(config.training, num_rows(tables["train"]))
     out = {}
@@ -75,5 +77,5 @@ def adapters_for_plan(config: Config, plan: dict[str, list[int]], graphdef, lora
         seconds = wall_seconds_of(result.history)
         out[name] = {"lora": to_host(result.lora), "steps": result.step, "rows": int(len(train_rows["label"])),
                      "seconds": None if seconds is None else round(seconds, 2),
-                     "tasks": [names[t] for t in task_ids]}
+                     "tasks": [names[t] for t in task_ids], "validation_logits": result.validation_logits}
     return out

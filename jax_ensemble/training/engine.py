@@ -166,14 +166,16 @@ def make_train_step(
 
 
 def make_eval_step(logits_fn: Callable[[Any, Any, Mapping[str, jax.Array]], jax.Array]):
-    """``eval(params, frozen, batch) -> {loss_sum, correct_sum, weight_sum}`` for one batch,
-    from ``logits_fn(params, frozen, batch) -> (B, K)``."""
+    """``eval(params, frozen, batch) -> {loss_sum, correct_sum, weight_sum, logits}`` for one
+    batch, from ``logits_fn(params, frozen, batch) -> (B, K)`` (the logits come back too, so
+    a later stage need not run the adapter on these rows again)."""
 
     def eval_step(params, frozen, batch):
         logits = logits_fn(params, frozen, batch)
         loss_sum, weight_sum = weighted_cross_entropy(logits, batch["label"], batch["weight"])
         correct = (jnp.argmax(logits, axis=-1) == batch["label"]).astype(jnp.float32)
-        return {"loss_sum": loss_sum, "correct_sum": jnp.sum(correct * batch["weight"]), "weight_sum": weight_sum}
+        return {"loss_sum": loss_sum, "correct_sum": jnp.sum(correct * batch["weight"]), "weight_sum": weight_sum,
+                "logits": logits}
 
     return eval_step
 
@@ -204,20 +206,24 @@ class TrainResult:
     """The trained adapter (the best by validation loss when validation data was given,
     else the last; stacked (M, …) when training members) as global arrays, the step
     reached, per-step records, the checkpoint directory of the final step (None without
-    a run directory), and whether early stopping ended the run."""
+    a run directory), whether early stopping ended the run, and the returned adapter's
+    logits on the validation table ((N, K), (M, N, K) stacked; None without validation, or
+    when the best adapter was evaluated before a resume and not in this call)."""
 
     lora: Any
     step: int
     history: list[dict[str, Any]]
     checkpoint: Path | None
     stopped_early: bool
+    validation_logits: np.ndarray | None = None
 
 
 class Evaluator:
-    """A jitted evaluation on a mesh: ``evaluator(lora, table) -> {loss, accuracy, examples}``
-    (weighted means of the objective's CE and accuracy over the table's rows, dropout
-    off), the frozen base laid out once. With ``stacked=True`` ``lora`` holds M members
-    and every value is an (M,) list."""
+    """A jitted evaluation on a mesh: ``evaluator(lora, table) -> {loss, accuracy, examples,
+    logits}`` (weighted means of the objective's CE and accuracy over the table's rows,
+    dropout off, and the (N, K) logits in table order), the frozen base laid out once. With
+    ``stacked=True`` ``lora`` holds M members, every scalar is an (M,) list and the logits
+    are (M, N, K)."""
 
     def __init__(self, objective: Objective, base: Any, mesh: Mesh, batch_size: int,
                  rules: Rules = DEFAULT_RULES, *, stacked: bool = False):
@@ -235,16 +241,23 @@ class Evaluator:
     def __call__(self, lora: Any, table: Table) -> dict[str, Any]:
         lora = put_tree(lora, self.mesh, self.rules, leading=int(self.stacked))
         totals: dict[str, Any] = {"loss_sum": 0.0, "correct_sum": 0.0, "weight_sum": 0.0}
-        for batch, _ in eval_batches(table, self.batch_size):
-            sums = self.step(lora, self.base, put_batch(batch, self.mesh))
-            for k, v in jax.device_get(sums).items():
+        chunks, order = [], []
+        for batch, rows in eval_batches(table, self.batch_size):
+            sums = jax.device_get(self.step(lora, self.base, put_batch(batch, self.mesh)))
+            chunks.append(np.asarray(sums.pop("logits")))
+            order.append(rows)
+            for k, v in sums.items():
                 totals[k] = totals[k] + np.asarray(v, np.float64)
+        rows = np.concatenate(order)
+        real = np.flatnonzero(rows >= 0)
+        logits = np.take(np.concatenate(chunks, axis=-2), real[np.argsort(rows[real])], axis=-2)
         weight = np.maximum(totals["weight_sum"], 1e-12)
         out = {"loss": totals["loss_sum"] / weight, "accuracy": totals["correct_sum"] / weight,
                "examples": np.rint(totals["weight_sum"]).astype(int)}
         if self.stacked:
-            return {k: v.tolist() for k, v in out.items()}
-        return {"loss": float(out["loss"]), "accuracy": float(out["accuracy"]), "examples": int(out["examples"])}
+            return {**{k: v.tolist() for k, v in out.items()}, "logits": logits}
+        return {"loss": float(out["loss"]), "accuracy": float(out["accuracy"]), "examples": int(out["examples"]),
+                "logits": logits}
 
 
 def train(
@@ -342,6 +355,7 @@ def train(
     schedule = learning_rate_schedule(config, steps)
     step = start
     clock = time.perf_counter()
+    best_logits = None  # the best adapter's validation logits, when this call evaluated it
     try:
         while step < steps and not stopped(state):
             batch = put_global(batch_at(step), batch_shardings)
@@ -355,8 +369,11 @@ def train(
                 )
             record["learning_rate"] = float(schedule(step - 1))
             if validation is not None and (step % config.eval_every == 0 or step == steps):
-                state, val = _evaluate_and_track(state, evaluator, validation, state_shardings)
+                state, val, improved = _evaluate_and_track(state, evaluator, validation, state_shardings)
                 record.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                if best_logits is None:
+                    best_logits = np.full_like(val["logits"], np.nan)
+                best_logits = np.where(np.reshape(improved, np.shape(improved) + (1, 1)), val["logits"], best_logits)
             if on_step is not None:
                 on_step(step, state)
             now = time.perf_counter()
@@ -380,6 +397,7 @@ def train(
         history=writer.records,
         checkpoint=Path(run_dir).absolute() / "checkpoints" / str(step) if run_dir else None,
         stopped_early=stopped(state),
+        validation_logits=None if best_logits is None or np.isnan(best_logits).any() else best_logits,
     )
 
 
@@ -389,7 +407,8 @@ def _scalar_or_list(value: Any) -> float | list[float]:
 
 
 def _evaluate_and_track(state: TrainState, evaluator: Evaluator, validation: Table, shardings: TrainState):
-    """Evaluate ``state.lora``; update best_loss / best_lora / bad_evals (per member when stacked)."""
+    """Evaluate ``state.lora``; update best_loss / best_lora / bad_evals (per member when stacked).
+    Returns the new state, the evaluation and whether it improved (bool, or (M,) when stacked)."""
     val = evaluator(state.lora, validation)
     losses = np.asarray(val["loss"], np.float64)
     best = np.asarray(jax.device_get(state.best_loss), np.float64)
@@ -404,4 +423,4 @@ def _evaluate_and_track(state: TrainState, evaluator: Evaluator, validation: Tab
         keep = jnp.asarray(improved)
         best_lora = jax.tree.map(lambda new, old: jnp.where(keep.reshape((-1,) + (1,) * (new.ndim - 1)), new, old),
                                  state.lora, state.best_lora)
-    return state._replace(best_loss=scalars[0], bad_evals=scalars[1], best_lora=best_lora), val
+    return state._replace(best_loss=scalars[0], bad_evals=scalars[1], best_lora=best_lora), val, improved
