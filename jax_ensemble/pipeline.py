@@ -186,7 +186,7 @@ def run(config: Config) -> Path:
 
     # every logit pass below is kept under runs/<name>/logits/, keyed by its inputs: a rerun reads it back
     cache = LogitCache(run_dir / "logits", {"model": config.model.cache_identity(), "lora": dataclasses.asdict(config.lora),
-                                            "batch_size": bs})
+                                            "batch_size": bs, "eval_batch_size": config.training.eval_batch_size})
 
     def stacked_logits(stacked: Any, table: Table, progress: str) -> np.ndarray:
         return cached(cache, "stacked", stacked, table,

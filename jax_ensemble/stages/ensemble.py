@@ -162,8 +162,8 @@ class BoostingRound(NamedTuple):
     """What a boosting learner sees: round ``index``, the chosen ``group``, its training
     ``rows`` (bool (N,)), the ensemble logits F and base logits z_base (N, K) of the
     training table (z_base is computed on the rows of the groups chosen so far, the only
-    rows where boosting uses it, and 0 elsewhere), and the group's validation rows with their ``offset_logits`` F − z_base
-    (None without validation data)."""
+    rows where boosting uses it, and 0 elsewhere), and the group's validation rows with
+    their ``offset_logits`` F − z_base (None without validation data)."""
 
     index: int
     group: int
@@ -192,6 +192,7 @@ def boost(graphdef: nnx.GraphDef, ensemble: Ensemble, base: nnx.State, train_tab
     and the group chosen in each round."""
     num_tasks = ensemble.weights.shape[0]
     zero = stack_trees([zeros_like_member(ensemble.members)])
+
     def ensemble_on(table: Table) -> np.ndarray:
         return cached(cache, "ensemble", ensemble, table,
                       lambda: ensemble_table_logits(graphdef, ensemble, base, table, batch_size, mesh=mesh))
