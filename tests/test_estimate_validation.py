@@ -49,7 +49,7 @@ def test_summarize_is_the_mean_of_pairwise_errors():
 
 def test_spearman_matches_scipy_with_ties():
     rng = np.random.default_rng(1)
-    actual = rng.normal(size=(40, 2)).round(1)  # ties on purpose
+    actual = (np.abs(rng.normal(size=(40, 2))) + 0.1).round(1)  # positive losses, ties on purpose
     linear = actual + rng.normal(size=(40, 2)) * 0.5
     linear[:5] = linear[0]  # a run of tied estimates
     pairs = [_pair(a, e, a, (0.7, 0.5)) for a, e in zip(actual, linear)]
