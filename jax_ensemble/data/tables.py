@@ -100,6 +100,15 @@ def eval_batches(table: Table, batch_size: int):
         yield batch, rows
 
 
+def in_table_order(chunks: Sequence[np.ndarray], rows: Sequence[np.ndarray], axis: int = 0) -> np.ndarray:
+    """Per-batch outputs of :func:`eval_batches` back in table order: ``chunks`` (one per
+    batch, batch_size along ``axis``) and the batches' ``rows`` → N rows along ``axis``
+    (padding rows, −1, dropped)."""
+    order = np.concatenate(rows)
+    real = np.flatnonzero(order >= 0)
+    return np.take(np.concatenate(chunks, axis=axis), real[np.argsort(order[real])], axis=axis)
+
+
 def eval_batch_count(table: Table, batch_size: int) -> int:
     """How many batches :func:`eval_batches` yields: ⌈N / batch_size⌉."""
     return -(-num_rows(table) // batch_size)

@@ -49,7 +49,7 @@ from jax_ensemble.core.ensemble import (
 )
 from jax_ensemble.core.projection import Projector, lift
 from jax_ensemble.core.trees import stack_trees, unstack_tree, zeros_like_member
-from jax_ensemble.data.tables import eval_batches, num_rows, rows_of
+from jax_ensemble.data.tables import eval_batches, in_table_order, num_rows, rows_of
 from jax_ensemble.errors import ConfigError, DataError
 from jax_ensemble.models.classification import lora_label_logits_fn
 from jax_ensemble.models.lora_gradients import lora_feature_split
@@ -82,9 +82,7 @@ def table_outputs(fn: Callable[[Batch], jax.Array], table: Table, batch_size: in
             chunks.append(np.asarray(fn(batch)) if mesh is None else to_host(fn(put_batch(batch, mesh))))
             rows.append(batch_rows)
             bar.update(1)
-    rows = np.concatenate(rows)
-    real = np.flatnonzero(rows >= 0)
-    return np.take(np.concatenate(chunks, axis=axis), real[np.argsort(rows[real])], axis=axis)
+    return in_table_order(chunks, rows, axis)
 
 
 def on_mesh(mesh: Mesh | None, base: nnx.State, stacked: Any = None) -> tuple[nnx.State, Any]:

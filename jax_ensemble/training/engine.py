@@ -39,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 from jax_ensemble.core.batch import Table
 from jax_ensemble.core.losses import weighted_cross_entropy
 from jax_ensemble.core.trees import stack_trees
-from jax_ensemble.data.tables import batch_indices, eval_batches, num_rows, take_batch
+from jax_ensemble.data.tables import batch_indices, eval_batches, in_table_order, num_rows, take_batch
 from jax_ensemble.errors import TrainingError
 from jax_ensemble.training.checkpoints import checkpoint_manager, restore_checkpoint, save_checkpoint, seal_finished
 from jax_ensemble.training.losses import LossFn, Objective, objective_loss
@@ -248,9 +248,7 @@ class Evaluator:
             order.append(rows)
             for k, v in sums.items():
                 totals[k] = totals[k] + np.asarray(v, np.float64)
-        rows = np.concatenate(order)
-        real = np.flatnonzero(rows >= 0)
-        logits = np.take(np.concatenate(chunks, axis=-2), real[np.argsort(rows[real])], axis=-2)
+        logits = in_table_order(chunks, order, axis=-2)
         weight = np.maximum(totals["weight_sum"], 1e-12)
         out = {"loss": totals["loss_sum"] / weight, "accuracy": totals["correct_sum"] / weight,
                "examples": np.rint(totals["weight_sum"]).astype(int)}
