@@ -35,25 +35,15 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from scipy import stats
 
 from jax_ensemble.cli import configure_logging
 from jax_ensemble.config import config_hash, load_config
+from jax_ensemble.core.statistics import mean_std, paired_difference
 from jax_ensemble.data.offline import PLANTED_CONFLICTS
 from jax_ensemble.pipeline import run
 from jax_ensemble.storage.atomic import atomic_write_json
 
 METHODS = ("zero_shot", "single_adapter", "random_groups", "ensemble")
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any]:
-    """Mean of a − b over seeds with its 95% t-interval (None with one seed)."""
-    d = np.asarray(a, np.float64) - np.asarray(b, np.float64)
-    if len(d) < 2:
-        return {"mean": float(d.mean()), "std": 0.0, "ci95": None, "per_seed": d.tolist()}
-    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
-    return {"mean": float(d.mean()), "std": float(d.std(ddof=1)), "ci95": [float(d.mean()) - half, float(d.mean()) + half],
-            "per_seed": d.tolist()}
 
 
 def twin_pairs(tasks: Sequence[str]) -> list[tuple[str, str]]:
@@ -131,8 +121,8 @@ def main() -> None:
                 for t in tasks}
     result: dict[str, Any] = {
         "config": args.config, "seeds": args.seeds, "overrides": [*sizes, *args.overrides], "per_seed": per_seed,
-        "mean_accuracy": {m: float(np.mean(v)) for m, v in acc.items()},
-        "std_accuracy": {m: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for m, v in acc.items()},
+        "mean_accuracy": {m: mean_std(v)[0] for m, v in acc.items()},
+        "std_accuracy": {m: mean_std(v)[1] for m, v in acc.items()},
         "ensemble_minus_single": paired_difference(acc["ensemble"], acc["single_adapter"]),
         "ensemble_minus_random": paired_difference(acc["ensemble"], acc["random_groups"]),
         "per_task_mean_accuracy": per_task,

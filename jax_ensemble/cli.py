@@ -227,19 +227,35 @@ def _cmd_uq(args: argparse.Namespace) -> int:
     from jax_ensemble.stages.preflight import check_run_dir
     from jax_ensemble.stages.uq import run_uq
 
+    seeds = None
+    if args.seeds is not None:  # `--seeds 0 1 2 key=value`: the key=value words are overrides, not seeds
+        args.overrides = [*args.overrides, *(w for w in args.seeds if "=" in w)]
+        words = [w for w in args.seeds if "=" not in w]
+        if not words or not all(w.lstrip("-").isdigit() for w in words):
+            raise ConfigError(f"uq --seeds takes integers, got {' '.join(args.seeds)}")
+        seeds = [int(w) for w in words]
     config = _tasks_config(args)
     check_run_dir(config)
-    summary = run_uq(config)
+    summary = run_uq(config, seeds)
     if args.json:
         print(json.dumps(summary))
         return 0
+    seeds = summary["seeds"]
     print(f"uq: {summary['members']} members, trained on {', '.join(summary['in_distribution'])}; "
-          f"OOD: {', '.join(summary['out_of_distribution'])}; ECE with {summary['num_bins']} bins")
-    print(f"  {'method':<12} {'accuracy':>9} {'ece':>7} {'nll':>7} {'brier':>7} {'ood_auroc':>10}")
+          f"OOD: {', '.join(summary['out_of_distribution'])}; ECE with {summary['num_bins']} bins; "
+          f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}" + (" (mean ± std)" if len(seeds) > 1 else ""))
+    keys = ("accuracy", "ece", "nll", "brier", "ood_auroc")
+    width = 15 if len(seeds) > 1 else 9
+    print(f"  {'method':<12} " + " ".join(f"{k:>{width}}" for k in keys))
     for name, r in summary["results"].items():
-        print(f"  {name:<12} {r['accuracy']:>9.3f} {r['ece']:>7.3f} {r['nll']:>7.3f} {r['brier']:>7.3f} "
-              f"{r['ood_auroc']:>10.3f}")
-    print(f"reliability diagrams: {summary['reliability_png']}")
+        cells = [f"{r[k]:.3f}" + (f" ± {summary['std'][name][k]:.3f}" if len(seeds) > 1 else "") for k in keys]
+        print(f"  {name:<12} " + " ".join(f"{c:>{width}}" for c in cells))
+    if len(seeds) > 1:
+        print("  method − single, mean [95% interval]:")
+        for name, row in summary["minus_single"].items():
+            print(f"  {name:<12} " + "  ".join(
+                f"{k} {row[k]['mean']:+.3f} [{row[k]['ci95'][0]:+.3f}, {row[k]['ci95'][1]:+.3f}]" for k in keys))
+    print(f"tables: {summary['table_md']}; reliability diagrams: uq/seed-<s>/reliability.png in the run directory")
     return 0
 
 
@@ -420,7 +436,11 @@ def build_parser() -> argparse.ArgumentParser:
     lin.set_defaults(handler=_cmd_linearization_error)
 
     uq = sub.add_parser("uq", help="single adapter vs LoRA ensemble vs MC dropout: calibration and OOD detection")
-    uq.add_argument("--json", action="store_true", help="print one JSON object (results: method -> metrics)")
+    uq.add_argument("--json", action="store_true",
+                    help="print one JSON object (results: method -> metric -> mean over the seeds; std; minus_single)")
+    uq.add_argument("--seeds", nargs="+", default=None, metavar="SEED",
+                    help="repeat the experiment for each seed (default: the config's seed); each seed resumes from "
+                         "its uq/seed-<s>/results.json")
     config_args(uq)
     uq.set_defaults(handler=_cmd_uq)
     plan = sub.add_parser("plan", help="per-stage memory per device, FLOPs and time on a mesh, from the "

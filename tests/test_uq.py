@@ -65,6 +65,22 @@ def _expected_metrics(id_logits, labels, ood_logits) -> dict[str, float]:
     }
 
 
+def _tiny_config(tiny_hf_dir, tmp_path, steps: int, kl_penalty: float):
+    """Tiny model, seed 4, in-distribution ``polar`` (binary), out-of-distribution ``three``, M = 2."""
+    suite_dir = tmp_path / "suite"
+    suite_dir.mkdir()
+    write_suite(suite_dir)
+    return config_from_dict({
+        "run_dir": str(tmp_path / "run"), "seed": 4,
+        "model": {"source": str(tiny_hf_dir), "base_dtype": "int8"},
+        "lora": {"rank": 2, "alpha": 8.0},
+        "tasks": {"train_size": 12, "validation_size": 4, "test_size": 8, "max_length": 32, "batch_size": 4},
+        "training": {"max_steps": steps, "batch_size": 4, "learning_rate": 0.05, "warmup_steps": 0},
+        "uq": {"in_distribution": [str(suite_dir / "polar.yaml")], "out_of_distribution": [str(suite_dir / "three.yaml")],
+               "members": 2, "kl_penalty": kl_penalty, "num_bins": NUM_BINS},
+    })
+
+
 def test_uq_metrics_match_an_independent_recomputation(tiny_hf_dir, tmp_path, monkeypatch):
     """Tiny model, in-distribution ``polar`` (binary), out-of-distribution ``three`` (its
     prompts answered with polar's label words), M = 2, the KL variant on (weight decay off:
@@ -74,19 +90,8 @@ def test_uq_metrics_match_an_independent_recomputation(tiny_hf_dir, tmp_path, mo
     logits; the members' in- and out-of-distribution logits against the trained adapters
     run through the merged model here; ``single`` is member 0 of the ensemble; the KL
     reference is the base model's label logits; MC-dropout samples differ."""
-    suite_dir = tmp_path / "suite"
-    suite_dir.mkdir()
-    write_suite(suite_dir)
-    polar, three = str(suite_dir / "polar.yaml"), str(suite_dir / "three.yaml")
-    config = config_from_dict({
-        "run_dir": str(tmp_path / "run"), "seed": 4,
-        "model": {"source": str(tiny_hf_dir), "base_dtype": "int8"},
-        "lora": {"rank": 2, "alpha": 8.0},
-        "tasks": {"train_size": 12, "validation_size": 4, "test_size": 8, "max_length": 32, "batch_size": 4},
-        "training": {"max_steps": 3, "batch_size": 4, "learning_rate": 0.05, "warmup_steps": 0},
-        "uq": {"in_distribution": [polar], "out_of_distribution": [three], "members": 2, "kl_penalty": 0.5,
-               "num_bins": NUM_BINS},
-    })
+    config = _tiny_config(tiny_hf_dir, tmp_path, steps=3, kl_penalty=0.5)
+    polar, three = config.uq.in_distribution[0], config.uq.out_of_distribution[0]
     scored, trained = [], []
     metrics_fn, engine_train = uq_stage.method_metrics, uq_stage.train
 
@@ -104,8 +109,8 @@ def test_uq_metrics_match_an_independent_recomputation(tiny_hf_dir, tmp_path, mo
     summary = uq_stage.run_uq(config, progress=False)
     results = summary["results"]
     assert list(results) == ["single", "ensemble", "ensemble_kl", "mc_dropout"]
-    assert json.loads((tmp_path / "run" / "uq" / "results.json").read_text())["results"] == results
-    assert (tmp_path / "run" / "uq" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "run" / "uq" / "seed-4" / "results.json").read_text())["results"] == results
+    assert (tmp_path / "run" / "uq" / "seed-4" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["test_examples"] == {"in_distribution": 8, "out_of_distribution": 8}
 
     # 1. metrics from the scored logits, independently
@@ -162,8 +167,41 @@ def test_uq_json_reports_every_method(tmp_path):
         assert METRICS <= set(row), name
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["ece"] <= 1.0 and row["nll"] > 0
     assert summary["test_examples"] == {"in_distribution": 8, "out_of_distribution": 8}
-    assert (tmp_path / "uq" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "uq" / "results.json").read_text())["results"] == summary["results"]
+    assert (tmp_path / "uq" / "seed-0" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "uq" / "seed-0" / "results.json").read_text())["results"] == summary["results"]
+
+
+def test_uq_over_seeds_resumes_each_seed_and_pairs_the_methods(tiny_hf_dir, tmp_path, monkeypatch):
+    """Seed 4 alone, then seeds 4 and 5: the second call runs seed 5 only (seed 4 restored
+    from its results.json) and the summary is the numpy mean / std / paired t-interval of
+    the two seeds' recorded results; the seeds' results differ (another initialisation)."""
+    config = _tiny_config(tiny_hf_dir, tmp_path, steps=2, kl_penalty=0.0)
+    ran, run_seed = [], uq_stage.run_uq_seed
+    monkeypatch.setattr(uq_stage, "run_uq_seed", lambda c, *a, **k: ran.append(c.seed) or run_seed(c, *a, **k))
+    first = uq_stage.run_uq(config, progress=False)
+    summary = uq_stage.run_uq(config, [4, 5], progress=False)
+    assert ran == [4, 5] and summary["seeds"] == [4, 5]
+    uq_dir = tmp_path / "run" / "uq"
+    recorded = {s: json.loads((uq_dir / f"seed-{s}" / "results.json").read_text())["results"] for s in (4, 5)}
+    assert recorded[4] == first["results"] and recorded[4] != recorded[5]
+    assert json.loads((uq_dir / "summary.json").read_text())["results"] == summary["results"]
+    for method in ("single", "ensemble", "mc_dropout"):
+        for key in ("accuracy", "ece", "nll", "brier", "ood_auroc"):
+            pair = np.array([recorded[4][method][key], recorded[5][method][key]])
+            assert summary["results"][method][key] == pytest.approx(pair.mean(), abs=1e-12)
+            assert summary["std"][method][key] == pytest.approx(np.std(pair, ddof=1), abs=1e-12)
+            if method == "single":
+                continue
+            d = pair - np.array([recorded[4]["single"][key], recorded[5]["single"][key]])
+            half = 12.706204736174707 * np.std(d, ddof=1) / np.sqrt(2)  # t_{0.975, 1}
+            got = summary["minus_single"][method][key]
+            assert got["mean"] == pytest.approx(d.mean(), abs=1e-12)
+            assert got["ci95"] == pytest.approx([d.mean() - half, d.mean() + half], abs=1e-9)
+    assert "± " in (uq_dir / "table.md").read_text()
+
+
+def test_uq_seeds_flag_rejects_non_integers():
+    assert_one_line_error(cli("uq", "--seeds", "0", "one"), "uq --seeds takes integers")
 
 
 def test_uq_bad_config_is_one_line():

@@ -8,5 +8,7 @@ per-example gradients), :mod:`~jax_ensemble.core.projection` (seeded P, never st
 :mod:`~jax_ensemble.core.solvers` (vmappable regressions), :mod:`~jax_ensemble.core.affinity`
 (subsets, estimates, affinity), :mod:`~jax_ensemble.core.clustering` (SDP grouping),
 :mod:`~jax_ensemble.core.ensemble` (weights, combination, boosting maths),
-:mod:`~jax_ensemble.core.uncertainty` (ECE, NLL, Brier, AUROC), :mod:`~jax_ensemble.core.trees`.
+:mod:`~jax_ensemble.core.uncertainty` (ECE, NLL, Brier, AUROC),
+:mod:`~jax_ensemble.core.statistics` (mean ± std and paired differences over seeds),
+:mod:`~jax_ensemble.core.trees`.
 """

@@ -14,14 +14,20 @@ space, so an OOD score compares like with like):
 - ``mc_dropout``: one adapter trained with LoRA dropout, predicting with the mean of M
   dropout samples.
 
-Writes ``uq/results.json``, ``uq/table.md`` and ``uq/reliability.png`` under the run
-directory (each atomically) and returns the results mapping.
+Over several seeds (``run_uq(config, seeds)``; each seed is the whole experiment again:
+LoRA initialisations, data order and dropout keys, on the same splits) every seed writes
+``uq/seed-<s>/results.json``, ``table.md`` and ``reliability.png`` under the run directory,
+and is skipped when that ``results.json`` holds the same config hash (a killed run resumes
+with the missing seeds). ``uq/summary.json`` and ``uq/table.md`` then give each metric's
+mean ± std over the seeds and every method's paired difference from ``single`` with a 95%
+t-interval (:mod:`jax_ensemble.core.statistics`). Every file is written atomically.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 from typing import Any, Callable, Sequence
 
@@ -32,11 +38,13 @@ from flax import nnx
 
 from jax_ensemble.config import Config, config_hash, config_to_dict
 from jax_ensemble.core.losses import NO_CHOICE_LOGIT
+from jax_ensemble.core.statistics import mean_std, paired_difference
 from jax_ensemble.core.trees import unstack_tree
 from jax_ensemble.core.uncertainty import calibration_report, ood_auroc, predictive, reliability_bins
 from jax_ensemble.data import load_task, tokenize_split
 from jax_ensemble.data.batching import TokenizedSplit
 from jax_ensemble.data.tables import table_of_splits
+from jax_ensemble.errors import ConfigError
 from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.loading import load_pretrained
@@ -50,6 +58,7 @@ from jax_ensemble.training.mesh import make_mesh
 
 log = logging.getLogger(__name__)
 
+METRICS = ("accuracy", "ece", "nll", "brier", "ood_auroc", "ood_auroc_entropy")
 Predictor = Callable[[dict[str, np.ndarray]], np.ndarray]
 """``predict(batch) -> (B, K)`` label logits of one member or one dropout sample."""
 
@@ -114,18 +123,85 @@ def reliability_png(curves: dict[str, tuple[np.ndarray, np.ndarray]], num_bins: 
 
 
 def markdown_table(results: dict[str, dict[str, float]]) -> str:
-    keys = ["accuracy", "ece", "nll", "brier", "ood_auroc", "ood_auroc_entropy"]
-    lines = ["| method | " + " | ".join(keys) + " |", "| --- |" + " ---: |" * len(keys)]
+    """One seed: a row of metrics per method."""
+    lines = ["| method | " + " | ".join(METRICS) + " |", "| --- |" + " ---: |" * len(METRICS)]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in keys) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{row[k]:.4f}" for k in METRICS) + " |")
     return "\n".join(lines) + "\n"
 
 
-def run_uq(config: Config, *, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate every method of the module doc; return the JSON-able summary."""
+def seed_statistics(per_seed: dict[int, dict[str, dict[str, float]]]) -> dict[str, Any]:
+    """Per method and metric over the seeds' ``results``: ``mean``, ``std`` and, for every
+    method but ``single``, ``minus_single``: the paired difference method − single."""
+    seeds = list(per_seed)
+    methods = list(per_seed[seeds[0]])
+    values = {m: {k: [per_seed[s][m][k] for s in seeds] for k in METRICS} for m in methods}
+    return {
+        "mean": {m: {k: mean_std(v)[0] for k, v in row.items()} for m, row in values.items()},
+        "std": {m: {k: mean_std(v)[1] for k, v in row.items()} for m, row in values.items()},
+        "minus_single": {m: {k: paired_difference(values[m][k], values["single"][k]) for k in METRICS}
+                         for m in methods if m != "single"},
+    }
+
+
+def seeds_markdown(statistics: dict[str, Any], seeds: Sequence[int]) -> str:
+    """Mean ± std per method and metric, then each method − single with its 95% interval."""
+    lines = [f"Over seeds {', '.join(map(str, seeds))}: mean ± std", "",
+             "| method | " + " | ".join(METRICS) + " |", "| --- |" + " ---: |" * len(METRICS)]
+    for m, row in statistics["mean"].items():
+        lines.append(f"| {m} | " + " | ".join(f"{row[k]:.4f} ± {statistics['std'][m][k]:.4f}" for k in METRICS) + " |")
+    lines += ["", "Paired difference from `single` (mean, 95% t-interval)", "",
+              "| method − single | " + " | ".join(METRICS) + " |", "| --- |" + " ---: |" * len(METRICS)]
+    for m, row in statistics["minus_single"].items():
+        cells = [f"{d['mean']:+.4f}" + ("" if d["ci95"] is None else f" [{d['ci95'][0]:+.4f}, {d['ci95'][1]:+.4f}]")
+                 for d in (row[k] for k in METRICS)]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_uq(config: Config, seeds: Sequence[int] | None = None, *, progress: bool = True) -> dict[str, Any]:
+    """Every method of the module doc for each seed (default: ``config.seed`` alone), each
+    seed resumed from its ``uq/seed-<s>/results.json`` when recorded with the same config;
+    returns ``{"seeds", "per_seed": {s: seed summary}, "results": mean per method and metric,
+    "std", "minus_single", ...}`` and writes it to ``uq/summary.json``."""
+    seeds = [config.seed] if seeds is None else list(seeds)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"uq: seeds must be distinct and at least one, got {seeds}")
+    out_dir = config.resolved_run_dir() / "uq"
+    loaded: tuple[Any, Any] | None = None
+    per_seed: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+        seed_config = dataclasses.replace(config, seed=seed)
+        recorded = out_dir / f"seed-{seed}" / "results.json"
+        if recorded.is_file() and (done := json.loads(recorded.read_text()))["config_hash"] == config_hash(seed_config):
+            log.info("uq: seed %d restored from %s", seed, recorded)
+            per_seed[seed] = done
+            continue
+        if loaded is None:
+            loaded = load_pretrained(config.model.source, base_dtype=config.model.base_dtype,
+                                     compute_dtype=config.model.compute_dtype, kernels=config.model.kernels)
+        per_seed[seed] = run_uq_seed(seed_config, *loaded, progress=progress)
+    statistics = seed_statistics({s: per_seed[s]["results"] for s in seeds})
+    first = per_seed[seeds[0]]
+    summary = {
+        "seeds": seeds,
+        "results": statistics["mean"],
+        "std": statistics["std"],
+        "minus_single": statistics["minus_single"],
+        **{key: first[key] for key in ("members", "in_distribution", "out_of_distribution", "test_examples",
+                                       "num_bins", "training_rows")},
+        "per_seed": {str(s): {k: v for k, v in per_seed[s].items() if k != "config"} for s in seeds},
+        "table_md": str(out_dir / "table.md"),
+    }
+    atomic_write_bytes(out_dir / "table.md", seeds_markdown(statistics, seeds).encode())
+    atomic_write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def run_uq_seed(config: Config, model: nnx.Module, tokenizer: Any, *, progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate every method of the module doc for ``config.seed``; write
+    ``uq/seed-<seed>/`` and return that seed's JSON-able summary."""
     uq, training = config.uq, config.training
-    model, tokenizer = load_pretrained(config.model.source, base_dtype=config.model.base_dtype,
-                                       compute_dtype=config.model.compute_dtype, kernels=config.model.kernels)
     tokenize = lambda ref, split: tokenize_split(load_task(ref, config.tasks), split, tokenizer, config.tasks.max_length)
     train_table = table_of_splits([tokenize(t, "train") for t in uq.in_distribution], pad_id=tokenizer.pad_id,
                            max_length=config.tasks.max_length)
@@ -184,7 +260,7 @@ def run_uq(config: Config, *, progress: bool = True) -> dict[str, Any]:
     outputs["mc_dropout"] = evaluate(graphdef_mc, mc, keys)
 
     results = {name: method_metrics(i, id_labels, o, uq.num_bins) for name, (i, o) in outputs.items()}
-    out_dir = config.resolved_run_dir() / "uq"
+    out_dir = config.resolved_run_dir() / "uq" / f"seed-{config.seed}"
     png = reliability_png({name: (i, id_labels) for name, (i, _) in outputs.items()}, uq.num_bins)
     atomic_write_bytes(out_dir / "reliability.png", png)
     atomic_write_bytes(out_dir / "table.md", markdown_table(results).encode())
@@ -197,6 +273,7 @@ def run_uq(config: Config, *, progress: bool = True) -> dict[str, Any]:
                           "out_of_distribution": int(sum(len(s.labels) for s in ood_test))},
         "num_bins": uq.num_bins,
         "training_rows": int(len(train_table["label"])),
+        "seed": config.seed,
         "config_hash": config_hash(config),
         "config": config_to_dict(config),
         "reliability_png": str(out_dir / "reliability.png"),
