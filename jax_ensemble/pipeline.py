@@ -53,9 +53,10 @@ from jax_ensemble.stages.grouping import grouping_stage, load_affinity
 from jax_ensemble.stages.logit_cache import LogitCache, cached
 from jax_ensemble.stages.model import load_run_model
 from jax_ensemble.storage.atomic import atomic_write_json
+from jax_ensemble.storage.processes import barrier, is_writer, on_writer, on_writer_array
 from jax_ensemble.training.engine import Evaluator, adapter_training, total_steps
 from jax_ensemble.training.losses import classification_objective
-from jax_ensemble.training.mesh import check_rows_fit, make_mesh
+from jax_ensemble.training.mesh import check_rows_fit, initialize_distributed, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class StageClock:
 
     def start(self, stage: str, message: str) -> None:
         self.stop()
+        barrier(f"stage {stage}")  # a multi-process run enters each stage together
         log.info("[%d/%d] %s: %s", STAGES.index(stage) + 1, len(STAGES), stage, message)
         self._running = (stage, time.perf_counter())
 
@@ -141,6 +143,7 @@ def compute_flops(config: Config, arch, tables: dict[str, Table], adapters: dict
 
 def run(config: Config) -> Path:
     """Run the main job for ``config``; return the run directory (printed last)."""
+    initialize_distributed(config.mesh)  # a multi-host run: one process per host, process 0 writes
     run_dir = config.resolved_run_dir()
     datasets.disable_progress_bars()
     atomic_write_json(run_dir / "config.json", {"hash": config_hash(config), "config": config_to_dict(config)})
@@ -159,7 +162,7 @@ def run(config: Config) -> Path:
 
     clock.start("grouping", "projected gradients -> subset estimates -> affinity -> groups (cached stages)")
     grouping = grouping_stage(config, model=loaded)
-    affinity = load_affinity(grouping["affinity_dir"])
+    affinity = on_writer(lambda: load_affinity(grouping["affinity_dir"]))
     names = affinity["tasks"]
     index = {name: i for i, name in enumerate(names)}
     groups = [[index[t] for t in group] for group in grouping["groups"]]
@@ -217,10 +220,10 @@ def run(config: Config) -> Path:
     def weighted(prefix: str, count: int) -> tuple[ensemble_maths.Ensemble, np.ndarray]:
         members = stack_trees([adapters[f"{prefix}-{g}"]["lora"] for g in range(count)])
         logits = np.stack([validation_logits(f"{prefix}-{g}") for g in range(count)])
-        alpha = ensemble_maths.prune_weights(ensemble_maths.fit_ensemble_weights(
+        alpha = on_writer_array(lambda: ensemble_maths.prune_weights(ensemble_maths.fit_ensemble_weights(
             logits, val["label"], val["weight"], val["task_index"], len(names),
             per_task=config.ensemble.per_task_weights, solver=config.ensemble.weights_solver),
-            config.ensemble.prune_below)
+            config.ensemble.prune_below))
         return ensemble_maths.make_ensemble(members, alpha), logits
 
     grouped, group_val_logits = weighted("group", len(groups))
@@ -258,7 +261,7 @@ def run(config: Config) -> Path:
     flops = compute_flops(config, loaded.architecture, tables, adapters, affinity, passes)
 
     clock.start("report", "metrics.json, report.md, PNGs, PEFT adapters")
-    for name, adapter in adapters.items():
+    for name, adapter in adapters.items() if is_writer() else ():
         export_peft_adapter(nnx.merge(graphdef, adapter["lora"], base), run_dir / "peft" / name,
                             base_model_name_or_path=config.model.source)
     metrics = {
@@ -286,7 +289,7 @@ def run(config: Config) -> Path:
         "wall_seconds": round(time.perf_counter() - started, 1),
         "config_hash": config_hash(config),
     }
-    check = find_validation(config, Path(grouping["affinity_dir"]))
+    check = on_writer(lambda: find_validation(config, Path(grouping["affinity_dir"])))
     if check is not None:
         metrics["estimate_validation"] = {
             "subsets": len(check["subsets"]),
@@ -297,8 +300,10 @@ def run(config: Config) -> Path:
             "speedup": check["speedup"],
             "directory": check["directory"],
         }
-    write_report(run_dir, metrics, Path(grouping["heatmap"]).read_bytes(),
-                 None if check is None else Path(check["scatter_png"]).read_bytes())
+    if is_writer():
+        write_report(run_dir, metrics, Path(grouping["heatmap"]).read_bytes(),
+                     None if check is None else Path(check["scatter_png"]).read_bytes())
+    barrier("report written")
     print("wall time per stage: " + ", ".join(f"{stage} {sec:.1f} s" for stage, sec in metrics["stage_seconds"].items())
           + f"; total {metrics['wall_seconds']:.1f} s")
     print("average test accuracy: " + ", ".join(f"{m} {a:.3f}" for m, a in average.items()))

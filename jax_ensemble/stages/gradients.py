@@ -35,6 +35,7 @@ from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata
 from jax_ensemble.stages.model import RunModel, load_run_model
 from jax_ensemble.storage.atomic import marker_path, read_verified, read_verified_json, write_verified, write_verified_json
 from jax_ensemble.storage.digests import sha256_hex, stage_dir
+from jax_ensemble.storage.processes import on_writer
 from jax_ensemble.training.mesh import BATCH_AXES, check_rows_fit, make_mesh, put_batch, put_tree, to_host
 from jax_ensemble.training.progress import Progress
 
@@ -137,7 +138,9 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     def shard_path(task_name: str, split: str, i: int) -> Path:
         return out_dir / task_name / f"{split}-{i:05d}.safetensors"
 
-    todo = [p for p in plan if read_verified(shard_path(p[0].name, p[1], p[3])) is None]
+    # process 0 decides which shards are missing; every process computes those (SPMD)
+    missing = on_writer(lambda: [read_verified(shard_path(p[0].name, p[1], p[3])) is None for p in plan])
+    todo = [p for p, m in zip(plan, missing) if m]
     sub_splits = {id(p): dataclasses.replace(
         p[2], prompts=tuple(p[2].prompts[j] for j in p[4]), labels=p[2].labels[p[4]]) for p in todo}
     tables = {id(p): table_of_splits([sub_splits[id(p)]], pad_id=tokenizer.pad_id, max_length=max_length) for p in todo}
@@ -175,36 +178,38 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     bar.close()
 
     timing = {"seconds": round(time.perf_counter() - started, 2), "timed_shards": len(todo), "shards": len(plan)}
-    previous = read_verified_json(out_dir / "manifest.json")
-    if not todo and previous is not None:
-        timing = previous.get("timing", timing)
-    manifest = {
-        "format": GRADIENT_FORMAT,
-        "timing": timing,
-        "settings": gradient_settings(config),
-        "architecture": dataclasses.asdict(model.architecture),
-        "projector": projector.metadata(),
-        **feature_metadata(space, features),
-        "output": "binary: log-odds z_gold - z_other of the label-word logits (n,); K > 2: the K logits minus class 0's "
-                  "(n, K), column 0 zero (K - 1 backward passes)",
-        "strategies_by_length": {str(t): s for t, s in sorted(strategies.items())},
-        "tasks": [
-            {
-                "name": task.name,
-                "num_classes": task.num_classes,
-                "splits": {
-                    split: [
-                        {"file": str(shard_path(task.name, split, i).relative_to(out_dir)), "examples": len(rows),
-                         "sha256": marker_path(shard_path(task.name, split, i)).read_text().strip()}
-                        for (t2, s2, _, i, rows) in plan if t2 is task and s2 == split
-                    ]
-                    for split in GRADIENT_SPLITS
-                },
-            }
-            for task in tasks
-        ],
-    }
-    write_verified_json(out_dir / "manifest.json", manifest)
+
+    def write_manifest() -> None:  # process 0: settings, timing and every shard's file and checksum
+        previous = read_verified_json(out_dir / "manifest.json")
+        manifest = {
+            "format": GRADIENT_FORMAT,
+            "timing": previous.get("timing", timing) if not todo and previous is not None else timing,
+            "settings": gradient_settings(config),
+            "architecture": dataclasses.asdict(model.architecture),
+            "projector": projector.metadata(),
+            **feature_metadata(space, features),
+            "output": "binary: log-odds z_gold - z_other of the label-word logits (n,); K > 2: the K logits minus class 0's "
+                      "(n, K), column 0 zero (K - 1 backward passes)",
+            "strategies_by_length": {str(t): s for t, s in sorted(strategies.items())},
+            "tasks": [
+                {
+                    "name": task.name,
+                    "num_classes": task.num_classes,
+                    "splits": {
+                        split: [
+                            {"file": str(shard_path(task.name, split, i).relative_to(out_dir)), "examples": len(rows),
+                             "sha256": marker_path(shard_path(task.name, split, i)).read_text().strip()}
+                            for (t2, s2, _, i, rows) in plan if t2 is task and s2 == split
+                        ]
+                        for split in GRADIENT_SPLITS
+                    },
+                }
+                for task in tasks
+            ],
+        }
+        write_verified_json(out_dir / "manifest.json", manifest)
+
+    on_writer(write_manifest)
     return out_dir
 
 

@@ -45,6 +45,7 @@ from jax_ensemble.storage.atomic import (
     write_verified_json,
 )
 from jax_ensemble.storage.digests import stage_dir
+from jax_ensemble.storage.processes import on_writer
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +128,19 @@ def _npz_bytes(**arrays: np.ndarray) -> bytes:
 
 
 def affinity_stage(config: Config, *, progress: bool = True, model: RunModel | None = None) -> Path:
-    """Subsets → one vmapped solve → estimates → affinity matrix; returns the stage directory."""
+    """Subsets → one vmapped solve → estimates → affinity matrix; returns the stage directory.
+    In a multi-process run the solves run on process 0 (the gradient stage before them on
+    every process)."""
     grad_dir = gradient_stage(config, progress=progress, model=model)
     out_dir = affinity_dir(config, grad_dir)
+    on_writer(lambda: _estimate_affinity(config, grad_dir, out_dir))
+    return out_dir
+
+
+def _estimate_affinity(config: Config, grad_dir: Path, out_dir: Path) -> None:
+    """Write ``estimates.npz`` and ``affinity.json`` under ``out_dir`` unless both are there."""
     if read_verified(out_dir / "estimates.npz") is not None and read_verified_json(out_dir / "affinity.json"):
-        return out_dir
+        return
     ac = config.affinity
     data = stack_tasks(load_gradients(grad_dir))
     n = len(data.names)
@@ -169,7 +178,6 @@ def affinity_stage(config: Config, *, progress: bool = True, model: RunModel | N
         "gradients": str(grad_dir),
         "settings": dataclasses.asdict(ac),
     })
-    return out_dir
 
 
 def load_affinity(directory: str | Path) -> dict[str, Any]:
@@ -190,8 +198,13 @@ def load_estimates(directory: str | Path) -> dict[str, np.ndarray]:
 
 
 def grouping_stage(config: Config, *, progress: bool = True, model: RunModel | None = None) -> dict[str, Any]:
-    """Cluster the affinity matrix; writes grouping.json and affinity.png; returns the summary."""
+    """Cluster the affinity matrix; writes grouping.json and affinity.png; returns the summary
+    (in a multi-process run computed on process 0 and broadcast)."""
     aff_dir = affinity_stage(config, progress=progress, model=model)
+    return on_writer(lambda: _group(config, aff_dir))
+
+
+def _group(config: Config, aff_dir: Path) -> dict[str, Any]:
     stage = load_affinity(aff_dir)
     names, matrix = stage["tasks"], np.array(stage["affinity"])
     cc = config.clustering

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from jax_ensemble.data.tables import Table
-from jax_ensemble.storage.atomic import read_verified, write_verified
+from jax_ensemble.storage.atomic import read_verified_shared, write_verified
 from jax_ensemble.storage.digests import arrays_digest, digest
 
 
@@ -42,9 +42,9 @@ class LogitCache:
 
     def get(self, kind: str, adapters: Any, table: Table, compute: Callable[[], np.ndarray]) -> np.ndarray:
         """``compute()``'s array for these inputs: read back when a verified copy exists,
-        else computed and written."""
+        else computed and written (in a multi-process run, process 0's copy on every process)."""
         path = Path(self.directory) / f"{kind}-{self.key(kind, adapters, table)}.npy"
-        data = read_verified(path)
+        data = read_verified_shared(path)
         if data is not None:
             return np.load(io.BytesIO(data))
         out = np.asarray(compute())

@@ -4,6 +4,10 @@ Verified files (:func:`write_verified`) carry a sha256 marker ``<file>.sha256`` 
 after them, and :func:`read_verified` trusts a file only when its bytes match the marker:
 a missing marker (a kill between the two writes) or a mismatch (a truncated or altered
 file) reads as absent, so the stage that owns the file computes it again.
+
+In a multi-process run only process 0 writes (:mod:`jax_ensemble.storage.processes`):
+the writers here return without writing on the other processes, and
+:func:`read_verified_shared` gives every process what process 0 read.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ from pathlib import Path
 from typing import Any
 
 from jax_ensemble.storage.digests import sha256_hex
+from jax_ensemble.storage.processes import broadcast_bytes, is_writer
 
 log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temp file and a rename (on the writer process only)."""
     path = Path(path)
+    if not is_writer():
+        return path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
     try:
@@ -66,12 +74,19 @@ def read_verified(path: str | Path) -> bytes | None:
     return data
 
 
+def read_verified_shared(path: str | Path) -> bytes | None:
+    """:func:`read_verified` on process 0, its result on every process (a collective in a
+    multi-process run: every process calls it at the same point)."""
+    return broadcast_bytes(read_verified(path) if is_writer() else None)
+
+
 def write_verified_json(path: str | Path, obj: Any) -> Path:
     """:func:`write_verified` of ``obj`` as indented, sorted-key JSON."""
     return write_verified(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_verified_json(path: str | Path) -> Any | None:
-    """The JSON value of a verified file, or None as :func:`read_verified`."""
-    data = read_verified(path)
+def read_verified_json(path: str | Path, *, shared: bool = False) -> Any | None:
+    """The JSON value of a verified file, or None as :func:`read_verified`
+    (:func:`read_verified_shared` with ``shared``)."""
+    data = read_verified_shared(path) if shared else read_verified(path)
     return None if data is None else json.loads(data)

@@ -26,6 +26,7 @@ import orbax.checkpoint as ocp
 from jax_ensemble.errors import CheckpointError
 from jax_ensemble.storage.atomic import atomic_write_bytes
 from jax_ensemble.storage.digests import sha256_file
+from jax_ensemble.storage.processes import is_writer, on_writer
 from jax_ensemble.training.mesh import path_name
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,7 @@ def seal_finished(manager: ocp.CheckpointManager) -> None:
     for step in kept:
         if not _digest_file(manager, step).is_file():
             atomic_write_bytes(_digest_file(manager, step), step_digest(Path(manager.directory) / str(step)).encode())
-    for stale in _digest_file(manager, 0).parent.glob("*.sha256"):
+    for stale in _digest_file(manager, 0).parent.glob("*.sha256") if is_writer() else ():
         if int(stale.name.removesuffix(".sha256")) not in kept:
             stale.unlink()
 
@@ -113,8 +114,8 @@ def restore_checkpoint(
     """``(state, step)`` from step ``step`` (default: the newest intact one), laid out by ``shardings``,
     or None when there is no checkpoint. CheckpointError if the checkpoint was written
     with a different ``fingerprint`` or does not fit ``template``."""
-    if step is None:
-        step = _newest_intact_step(manager)
+    if step is None:  # process 0 checks the digests; every process restores the step it chose
+        step = on_writer(lambda: _newest_intact_step(manager))
     if step is None:
         return None
     directory = manager.directory
