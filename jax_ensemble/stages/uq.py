@@ -37,30 +37,26 @@ import numpy as np
 from flax import nnx
 
 from jax_ensemble.config import Config, config_hash, config_to_dict
-from jax_ensemble.core.losses import NO_CHOICE_LOGIT
+from jax_ensemble.core.batch import MODEL_KEYS
 from jax_ensemble.core.statistics import mean_std, paired_difference
 from jax_ensemble.core.trees import unstack_tree
 from jax_ensemble.core.uncertainty import calibration_report, ood_auroc, predictive, reliability_bins
 from jax_ensemble.data import load_task, tokenize_split
-from jax_ensemble.data.batching import TokenizedSplit
 from jax_ensemble.data.tables import table_of_splits
 from jax_ensemble.errors import ConfigError
 from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import init_member_adapters, merge_lora
-from jax_ensemble.stages.ensemble import table_outputs
-from jax_ensemble.stages.zero_shot import split_label_logits
+from jax_ensemble.stages.ensemble import on_mesh, stacked_table_logits, table_outputs
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 from jax_ensemble.training.engine import train
 from jax_ensemble.training.losses import classification_objective, kl_regularized_objective, with_base_logits
-from jax_ensemble.training.mesh import make_mesh
+from jax_ensemble.training.mesh import check_rows_fit, make_mesh, put_tree
 
 log = logging.getLogger(__name__)
 
 METRICS = ("accuracy", "ece", "nll", "brier", "ood_auroc", "ood_auroc_entropy")
-Predictor = Callable[[dict[str, np.ndarray]], np.ndarray]
-"""``predict(batch) -> (B, K)`` label logits of one member or one dropout sample."""
 
 
 @functools.partial(jax.jit, static_argnames="graphdef")
@@ -76,20 +72,13 @@ def member_logits_fn(graphdef: nnx.GraphDef) -> Callable[[Any, nnx.State, Any, j
     return functools.partial(_member_logits, graphdef)
 
 
-def samples_logits(predictors: Sequence[Predictor], splits: Sequence[TokenizedSplit], config: Config,
-                   pad_id: int) -> np.ndarray:
-    """(S, N, K) label logits of S predictors (members or dropout samples) on the examples of
-    ``splits`` concatenated; tasks with fewer than K classes get NO_CHOICE_LOGIT columns."""
-    width = max(len(s.label_token_ids) for s in splits)
-    out = []
-    for predict in predictors:
-        parts = []
-        for split in splits:
-            z = split_label_logits(predict, split, batch_size=config.tasks.batch_size,
-                                   max_length=config.tasks.max_length, pad_id=pad_id, num_choices=width)
-            parts.append(np.pad(z, ((0, 0), (0, width - z.shape[1])), constant_values=NO_CHOICE_LOGIT))
-        out.append(np.concatenate(parts))
-    return np.stack(out)
+@functools.partial(jax.jit, static_argnames="graphdef")
+def dropout_samples_logits(graphdef: nnx.GraphDef, lora: Any, base: nnx.State, batch: Any,
+                           keys: jax.Array) -> jax.Array:
+    """(S, B, K) label logits of one adapter under S dropout masks (``keys``: S keys), one
+    vmapped program."""
+    batch = {k: batch[k] for k in MODEL_KEYS}
+    return jax.vmap(lambda key: label_logits(merge_lora(graphdef, lora, base), batch, dropout_key=key))(keys)
 
 
 def method_metrics(id_logits: np.ndarray, id_labels: np.ndarray, ood_logits: np.ndarray, num_bins: int) -> dict[str, float]:
@@ -214,18 +203,24 @@ def run_uq_seed(config: Config, model: nnx.Module, tokenizer: Any, *, progress: 
     seeds = [config.seed + m for m in range(uq.members)]
     graphdef, initial, base = init_member_adapters(model, config.lora, seeds)
 
-    def evaluate(graphdef, loras: Any, keys: Sequence[jax.Array | None]) -> tuple[np.ndarray, np.ndarray]:
-        """(S, N, K) in- and out-of-distribution logits: sample s uses member s mod M and key s."""
-        apply, members = member_logits_fn(graphdef), unstack_tree(loras)
-        predictors = [
-            (lambda batch, lora=members[i % len(members)], key=key: np.asarray(apply(lora, base, batch, key)))
-            for i, key in enumerate(keys)
-        ]
-        return (samples_logits(predictors, id_test, config, tokenizer.pad_id),
-                samples_logits(predictors, ood_test, config, tokenizer.pad_id))
+    mesh = make_mesh(config.mesh)  # training and inference: base by the partition rules, rows over (data, fsdp)
+    bs = config.tasks.batch_size
+    check_rows_fit(bs, mesh, "tasks.batch_size")
+    base, _ = on_mesh(mesh, base)
+    width = max(len(s.label_token_ids) for s in id_test)
+    tables = [table_of_splits(splits, pad_id=tokenizer.pad_id, max_length=config.tasks.max_length, num_choices=width)
+              for splits in (id_test, ood_test)]
+
+    def evaluate(graphdef, loras: Any, keys: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(S, N, K) in- and out-of-distribution logits: the M stacked members (S = M), or with
+        ``keys`` the single adapter ``loras`` (leaves (1, …)) under S dropout masks."""
+        if keys is None:
+            return tuple(stacked_table_logits(graphdef, loras, base, t, bs, mesh=mesh) for t in tables)
+        lora = put_tree(unstack_tree(loras)[0], mesh)
+        return tuple(table_outputs(lambda b: dropout_samples_logits(graphdef, lora, base, b, keys), t, bs, axis=1,
+                                   mesh=mesh) for t in tables)
 
     outputs: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    mesh = make_mesh(config.mesh)
 
     def members(objective, initial_loras, training_config, table, member_seeds, desc, dropout=False) -> Any:
         """The stacked members trained by the engine (no validation: a fixed length, as the paper)."""
@@ -236,28 +231,25 @@ def run_uq_seed(config: Config, model: nnx.Module, tokenizer: Any, *, progress: 
              len(train_table["label"]))
     plain = classification_objective(graphdef)
     trained = members(plain, initial, training, train_table, seeds, "ensemble")
-    id_logits, ood_logits = evaluate(graphdef, trained, [None] * uq.members)
+    id_logits, ood_logits = evaluate(graphdef, trained)
     outputs["single"] = (id_logits[:1], ood_logits[:1])
     outputs["ensemble"] = (id_logits, ood_logits)
     if uq.weight_decay > 0:
         decayed = dataclasses.replace(training, weight_decay=uq.weight_decay)
         wd = members(plain, initial, decayed, train_table, seeds, "ensemble_wd")
-        outputs["ensemble_wd"] = evaluate(graphdef, wd, [None] * uq.members)
+        outputs["ensemble_wd"] = evaluate(graphdef, wd)
     if uq.kl_penalty > 0:
-        apply = member_logits_fn(graphdef)
-        at_base = unstack_tree(initial)[0]  # B = 0: the base model's logits
-        base_logits = table_outputs(lambda batch: apply(at_base, base, batch, None), train_table,
-                                   config.tasks.batch_size)
+        at_base = jax.tree.map(lambda x: x[:1], initial)  # B = 0: the base model's logits
+        base_logits = stacked_table_logits(graphdef, at_base, base, train_table, bs, mesh=mesh)[0]
         kl = members(kl_regularized_objective(graphdef, uq.kl_penalty), initial, training,
                      with_base_logits(train_table, base_logits), seeds, "ensemble_kl")
-        outputs["ensemble_kl"] = evaluate(graphdef, kl, [None] * uq.members)
+        outputs["ensemble_kl"] = evaluate(graphdef, kl)
     graphdef_mc, initial_mc, _ = init_member_adapters(
         model, dataclasses.replace(config.lora, dropout=uq.mc_dropout), seeds[:1]
     )
     mc = members(classification_objective(graphdef_mc), initial_mc, training, train_table, seeds[:1], "mc_dropout",
                  dropout=True)
-    keys = list(jax.random.split(jax.random.key(config.seed + 10_000), uq.members))
-    outputs["mc_dropout"] = evaluate(graphdef_mc, mc, keys)
+    outputs["mc_dropout"] = evaluate(graphdef_mc, mc, jax.random.split(jax.random.key(config.seed + 10_000), uq.members))
 
     results = {name: method_metrics(i, id_labels, o, uq.num_bins) for name, (i, o) in outputs.items()}
     out_dir = config.resolved_run_dir() / "uq" / f"seed-{config.seed}"

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -56,6 +57,8 @@ from jax_ensemble.training.mesh import (
 from jax_ensemble.training.metrics import MetricsWriter
 from jax_ensemble.training.progress import Progress
 from jax_ensemble.training.settings import TrainingConfig
+
+log = logging.getLogger(__name__)
 
 
 class TrainState(NamedTuple):
@@ -295,6 +298,11 @@ def train(
     if not stacked and len(seeds) != 1:
         raise TrainingError(f"one adapter trains with one seed, got {len(seeds)}")
     check_batch_fits(config, mesh)
+    if dropout and all(mesh.shape[a] > 1 for a in mesh.axis_names) and \
+            config.batch_size // config.grad_accum_steps == mesh.shape["data"] * mesh.shape["fsdp"]:
+        log.warning("LoRA dropout with one example per device on a data x fsdp x tensor mesh trains differently from "
+                    "one device (an XLA partitioning issue measured on jax 0.10); give each device at least 2 rows "
+                    "of a micro-batch (training.batch_size / grad_accum_steps)")
     rows = num_rows(train_table)
     steps = total_steps(config, rows)
     optimizer = make_optimizer(config, steps)
