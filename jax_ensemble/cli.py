@@ -114,16 +114,20 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from jax_ensemble.data import load_suite
     from jax_ensemble.models.loading import load_pretrained
     from jax_ensemble.stages.zero_shot import evaluate_zero_shot
+    from jax_ensemble.training.mesh import initialize_distributed, leaf_sharding, make_mesh
 
     if not args.zero_shot:
         raise ConfigError("evaluate needs a mode: --zero-shot (the base model on each task's label words)")
     config = _tasks_config(args)
+    initialize_distributed(config.mesh)
     tasks = load_suite(config.tasks)
+    mesh = make_mesh(config.mesh)  # more than one device: the model loads into its shardings and runs there
     model, tokenizer = load_pretrained(
-        config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype
+        config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype,
+        kernels=config.model.kernels, sharding=leaf_sharding(mesh) if mesh.size > 1 else None,
     )
     results = evaluate_zero_shot(model, tokenizer, tasks, split=args.split, batch_size=config.tasks.batch_size,
-                                 max_length=config.tasks.max_length)
+                                 max_length=config.tasks.max_length, mesh=mesh if mesh.size > 1 else None)
     if args.json:
         print(json.dumps(results))
         return 0

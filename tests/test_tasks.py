@@ -374,6 +374,27 @@ def test_cli_evaluate_zero_shot_json_on_a_user_suite(tmp_path, tiny_hf_dir, caps
     assert result["task"] == "stars" and result["examples"] == 6 and 0.0 <= result["accuracy"] <= 1.0
 
 
+def test_cli_evaluate_zero_shot_on_a_2x2x2_mesh_equals_one_device(tmp_path, tiny_hf_dir):
+    """8 fake CPU devices: the model loaded into the partition rules' shardings, rows over
+    data x fsdp; the per-task results equal one device's (accuracy, prediction counts)."""
+    from test_cli import cli
+
+    tiny_task(tmp_path)
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"tasks": ["stars.yaml"]}))
+    argv = ["evaluate", "--zero-shot", "--split", "train", "--suite", str(suite), "--json",
+            f"model.source={tiny_hf_dir}", "tasks.train_size=12", "tasks.validation_size=6", "tasks.test_size=6",
+            "tasks.max_length=40", "tasks.batch_size=8"]
+    results = []
+    for devices, mesh in ((1, []), (8, ["mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"])):
+        out = cli(*argv, *mesh, env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+                                     "JAX_PLATFORMS": "cpu"})
+        assert out.returncode == 0, out.stderr[-3000:]
+        results.append(json.loads(out.stdout)[0])
+    for key in ("accuracy", "prediction_counts", "examples"):
+        assert results[1][key] == results[0][key], key
+
+
 def test_cli_data_show_local_spec_with_overrides_after_options(tmp_path, capsys):
     spec = write_spec(tmp_path)
     assert main(["data", "show", str(spec), "-n", "2", "--split", "test", "--json", "tasks.test_size=4",

@@ -51,6 +51,7 @@ from jax_ensemble.stages.grouping import affinity_stage, estimate_stacked, load_
 from jax_ensemble.stages.model import load_run_model
 from jax_ensemble.storage.atomic import atomic_write_bytes, read_verified_json, write_verified_json
 from jax_ensemble.storage.digests import stage_dir
+from jax_ensemble.training.mesh import check_rows_fit, make_mesh
 
 log = logging.getLogger(__name__)
 
@@ -222,12 +223,14 @@ def validate_estimates(config: Config, num_subsets: int, *, progress: bool = Tru
 
     projector = stage_projector(config, lora_feature_split(lora0)[0])
     validation, bs = tables["validation"], config.tasks.batch_size
+    mesh = make_mesh(config.mesh)  # inference as the main job's: base by the partition rules, rows over (data, fsdp)
+    check_rows_fit(bs, mesh, "tasks.batch_size")
     pairs = []
     for s, ids in enumerate(subsets):
         rows = rows_of(validation, ids)
         members = stack_trees([adapters[subset_adapter_name(ids, balanced)]["lora"],
                                lifted_adapter(projector, estimates["params"][s], lora0), lora0])
-        logits = stacked_table_logits(graphdef, members, base, rows, bs)  # (3, n, K)
+        logits = stacked_table_logits(graphdef, members, base, rows, bs, mesh=mesh)  # (3, n, K)
         scores = [task_scores(z, rows["label"], rows["task_index"], ids) for z in logits]
         for t in ids:
             pairs.append({

@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
 from jax_ensemble.core.batch import Batch
 from jax_ensemble.data.batching import TokenizedSplit, tokenize_split
@@ -23,18 +24,24 @@ from jax_ensemble.data.tables import eval_batches, table_of_splits
 from jax_ensemble.data.task import Task
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.tokenizer import Tokenizer
+from jax_ensemble.training.mesh import check_rows_fit, put_batch, put_tree, to_host
 from jax_ensemble.training.progress import Progress
 
 
-def jitted_label_logits(model: nnx.Module) -> Callable[[Batch], np.ndarray]:
-    """``f(batch) -> (B, K)`` label logits of ``model``, jitted over the batch (weights passed as an argument)."""
+def jitted_label_logits(model: nnx.Module, mesh: Mesh | None = None) -> Callable[[Batch], np.ndarray]:
+    """``f(batch) -> (B, K)`` label logits of ``model``, jitted over the batch (weights passed
+    as an argument). With ``mesh``: the weights laid out by the partition rules, each batch's
+    rows split over (data, fsdp), the logits gathered to the host."""
     graphdef, state = nnx.split(model)
 
     @jax.jit
     def apply(state: nnx.State, batch: Batch) -> jax.Array:
         return label_logits(nnx.merge(graphdef, state), batch)
 
-    return lambda batch: np.asarray(apply(state, batch))
+    if mesh is None:
+        return lambda batch: np.asarray(apply(state, batch))
+    state = put_tree(state, mesh)
+    return lambda batch: to_host(apply(state, put_batch(batch, mesh)))
 
 
 def split_label_logits(
@@ -71,11 +78,16 @@ def evaluate_zero_shot(
     batch_size: int = 16,
     max_length: int = 128,
     progress: bool = True,
+    mesh: Mesh | None = None,
 ) -> list[dict[str, Any]]:
     """Per-task zero-shot accuracy on ``split``: a list of JSON-able dicts with ``task``,
     ``num_classes``, ``examples``, ``accuracy``, ``majority_baseline`` (share of the most
-    frequent gold class), ``prediction_counts`` (per class), ``truncated`` and ``seconds``."""
-    logits_fn = jitted_label_logits(model)
+    frequent gold class), ``prediction_counts`` (per class), ``truncated`` and ``seconds``.
+    ``mesh``: run on it (:func:`jitted_label_logits`; ``batch_size`` must split over its
+    data x fsdp axes)."""
+    if mesh is not None:
+        check_rows_fit(batch_size, mesh, "tasks.batch_size")
+    logits_fn = jitted_label_logits(model, mesh)
     tokenized = [tokenize_split(t, split, tokenizer, max_length) for t in tasks]
     width = max(t.num_classes for t in tasks)
     total = sum(-(-len(tk.prompts) // batch_size) for tk in tokenized)
