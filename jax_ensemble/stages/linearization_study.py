@@ -47,7 +47,7 @@ from jax_ensemble.models.quantization import dequantize_int8
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 from jax_ensemble.training.engine import total_steps, train
 from jax_ensemble.training.losses import classification_objective
-from jax_ensemble.training.mesh import make_mesh
+from jax_ensemble.training.mesh import check_rows_fit, leaf_sharding, make_mesh, put_batch, put_tree, to_host
 from jax_ensemble.training.progress import Progress
 
 
@@ -81,12 +81,13 @@ def _correct(f: np.ndarray, label: np.ndarray) -> np.ndarray:
     return (f > 0) if f.ndim == 1 else (np.argmax(np.asarray(logits_of_output(f)), axis=-1) == label)
 
 
-def _evaluate(graphdef, lora, lora0, base, tables, batch_size) -> dict[str, np.ndarray]:
-    """Concatenated f, f_lin, label over the validation tables (real rows only)."""
+def _evaluate(graphdef, lora, lora0, base, tables, batch_size, mesh) -> dict[str, np.ndarray]:
+    """Concatenated f, f_lin, label over the validation tables (real rows only), each batch's
+    rows split over the mesh's (data, fsdp) axes (weights laid out on ``mesh`` beforehand)."""
     fs, flins, labels = [], [], []
     for table in tables:
         for batch, _ in eval_batches(table, batch_size):
-            f, f_lin = _outputs(lora, lora0, base, batch, graphdef=graphdef)
+            f, f_lin = to_host(_outputs(lora, lora0, base, put_batch(batch, mesh), graphdef=graphdef))
             real = batch["weight"] > 0
             fs.append(np.asarray(f)[real].reshape(int(real.sum()), -1))
             flins.append(np.asarray(f_lin)[real].reshape(int(real.sum()), -1))
@@ -122,9 +123,12 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
 
     study = config.linearization
     tasks = [load_task(t, config.tasks) for t in study.tasks] if study.tasks else load_suite(config.tasks)
+    mesh = make_mesh(config.mesh)  # fine-tunes and evaluations: base by the partition rules, rows over (data, fsdp)
+    eval_bs = config.training.eval_batch_size
+    check_rows_fit(eval_bs, mesh, "training.eval_batch_size")
     model, tokenizer = load_pretrained(
         config.model.source, base_dtype=config.model.base_dtype, compute_dtype=config.model.compute_dtype,
-        kernels=config.model.kernels,
+        kernels=config.model.kernels, sharding=leaf_sharding(mesh) if mesh.size > 1 else None,
     )
     max_length = config.tasks.max_length
     train_table = table_of_splits([tokenize_split(t, "train", tokenizer, max_length) for t in tasks],
@@ -136,12 +140,10 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
         split = dataclasses.replace(split, prompts=split.prompts[keep], labels=split.labels[keep])
         validation.append(table_of_splits([split], pad_id=tokenizer.pad_id, max_length=max_length))
     rows = len(train_table["label"])
-    mesh = make_mesh(config.mesh)
     default_steps = total_steps(config.training, rows)
     step_counts = sorted({s or default_steps for s in study.steps})
     ranks = study.ranks or (config.lora.rank,)
     rates = study.learning_rates or (config.training.learning_rate,)
-    eval_bs = config.training.eval_batch_size
     settings = []
     bar = Progress(len(ranks) * len(rates) * step_counts[-1], "linearization-error", "step", enabled=progress)
     for rank in ranks:
@@ -149,7 +151,8 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
         adapted = nnx.clone(model)
         apply_lora(adapted, lora_config, jax.random.key(config.seed))
         graphdef, lora0, base = split_lora(adapted)
-        ev0 = _evaluate(graphdef, lora0, lora0, base, validation, eval_bs)
+        base, lora0 = put_tree(base, mesh), put_tree(lora0, mesh)
+        ev0 = _evaluate(graphdef, lora0, lora0, base, validation, eval_bs, mesh)
         for lr in rates:
             training = dataclasses.replace(config.training, learning_rate=lr, max_steps=step_counts[-1])
             start = time.perf_counter()
@@ -159,7 +162,7 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
                 bar.update(1)
                 if step not in step_counts:
                     return
-                ev = _evaluate(graphdef, state.lora, lora0, base, validation, eval_bs)
+                ev = _evaluate(graphdef, state.lora, lora0, base, validation, eval_bs, mesh)
                 settings.append({
                     "steps": step,
                     "rank": rank,
