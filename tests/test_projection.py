@@ -205,6 +205,11 @@ SHARDED = textwrap.dedent(
            "lift": max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
                        for a, b in zip(jax.tree.leaves(single[1]), jax.tree.leaves(sharded[1]))),
            "values": np.asarray(single[0]).tolist()}
+    # the Pallas kernel (interpret mode here) per device under shard_map, rows over "data"
+    kproj = make_projector(template, 24, seed=5, block_rows=64, kernels="pallas", mesh=mesh, batch_axes=("data",))
+    kernel = jax.jit(lambda g: project(kproj, g))(gs)
+    out["kernel_project"] = float(np.max(np.abs(np.asarray(single[0]) - np.asarray(kernel))))
+    out["kernel_rows_split"] = kernel.sharding.spec[0] == "data"
     print(json.dumps(out))
     """
 )
@@ -212,13 +217,15 @@ SHARDED = textwrap.dedent(
 
 def test_same_numbers_on_one_and_eight_devices():
     """P is regenerated, never stored: another process with 8 devices gives the same
-    projections on one device and sharded over a 4x2 mesh, and the same numbers as this
+    projections on one device and sharded over a 4x2 mesh (XLA, and the Pallas kernel under
+    shard_map with its output rows split over the mesh), and the same numbers as this
     process (a projector rebuilt from its metadata is the same matrix)."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
     result = subprocess.run([sys.executable, "-c", SHARDED], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     diffs = json.loads(result.stdout.strip().splitlines()[-1])
-    assert diffs["project"] <= 1e-5 and diffs["lift"] <= 1e-6, diffs
+    assert diffs["project"] <= 1e-5 and diffs["lift"] <= 1e-6 and diffs["kernel_project"] <= 1e-5, diffs
+    assert diffs["kernel_rows_split"], diffs
     proj = make_projector({"a": jnp.zeros((16, 12)), "b": jnp.zeros((40,))}, 24, seed=5, block_rows=64)
     keys = jax.random.split(jax.random.key(0), 2)
     grads = {"a": jax.random.normal(keys[0], (8, 16, 12)), "b": jax.random.normal(keys[1], (8, 40))}

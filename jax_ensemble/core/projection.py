@@ -21,18 +21,23 @@ regenerated from ``seed + block``).
 With ``kernels="pallas"`` (Rademacher P only) ``project`` runs the Pallas kernel
 :func:`jax_ensemble.kernels.projection.seeded_projection`, which generates the same entries
 bit for bit inside the kernel, tile by tile, so no block of P is written to memory; ``lift``
-always regenerates blocks with ``jax.random`` (one P for both).
+always regenerates blocks with ``jax.random`` (one P for both). A Pallas call has no
+partitioning rule, so on a mesh (``make_projector(..., mesh=, batch_axes=)``) the kernel runs
+under ``shard_map``: each device projects its own rows of g (the leading axes split over
+``batch_axes``) against the whole P, and the (n, d) result stays split the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import zlib
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, PartitionSpec
 
 from jax_ensemble.errors import ConfigError
 from jax_ensemble.kernels.projection import leaf_key, seeded_projection
@@ -65,6 +70,8 @@ class Projector:
     treedef: Any
     leaves: tuple[LeafSpec, ...]
     kernels: str = "xla"
+    mesh: Mesh | None = None
+    batch_axes: tuple[str, ...] = ()
 
     @property
     def num_params(self) -> int:
@@ -85,11 +92,13 @@ class Projector:
 
 def make_projector(
     template: Any, dim: int, *, seed: int = 0, kind: str = "rademacher", block_rows: int = 4096,
-    kernels: str = "xla",
+    kernels: str = "xla", mesh: Mesh | None = None, batch_axes: tuple[str, ...] = (),
 ) -> Projector:
     """A projector for pytrees shaped like ``template`` (arrays or shape-dtype structs).
 
-    ``kernels``: ``xla`` or ``pallas`` (how ``project`` runs; not part of P's identity)."""
+    ``kernels``: ``xla`` or ``pallas`` (how ``project`` runs; not part of P's identity).
+    ``mesh`` / ``batch_axes``: the mesh the gradients live on and the axes their examples
+    are split over (the Pallas kernel then runs per device under ``shard_map``)."""
     if dim <= 0:
         raise ConfigError(f"projection dimension must be > 0, got {dim}")
     if kind not in PROJECTION_KINDS:
@@ -101,7 +110,7 @@ def make_projector(
         raise ConfigError("cannot project an empty parameter pytree")
     leaves = tuple(LeafSpec(jax.tree_util.keystr(path), tuple(leaf.shape)) for path, leaf in flat)
     return Projector(dim=dim, seed=seed, kind=kind, block_rows=block_rows, treedef=treedef, leaves=leaves,
-                     kernels=kernels)
+                     kernels=kernels, mesh=mesh, batch_axes=tuple(batch_axes))
 
 
 def _rows(projector: Projector, leaf: LeafSpec) -> int:
@@ -151,8 +160,13 @@ def project(projector: Projector, grads: Any) -> jax.Array:
         rows, blocks = _rows(projector, spec), _num_blocks(projector, spec)
         flat = g.reshape(n, spec.size).astype(jnp.float32)
         if projector.kernels == "pallas" and projector.kind == "rademacher":
-            out = out + seeded_projection(flat, key=leaf_key(projector.seed, _leaf_id(spec)), block_rows=rows,
-                                          dim=projector.dim, scale=1.0 / math.sqrt(projector.dim))
+            kernel = functools.partial(seeded_projection, key=leaf_key(projector.seed, _leaf_id(spec)),
+                                       block_rows=rows, dim=projector.dim, scale=1.0 / math.sqrt(projector.dim))
+            if projector.mesh is not None and projector.mesh.size > 1:  # each device: its rows of g, all of P
+                rows_spec = PartitionSpec(projector.batch_axes or None)
+                kernel = jax.shard_map(kernel, mesh=projector.mesh, in_specs=rows_spec, out_specs=rows_spec,
+                                       check_vma=False)
+            out = out + kernel(flat)
             continue
         flat = jnp.pad(flat, ((0, 0), (0, rows * blocks - spec.size)))
         chunks = jnp.moveaxis(flat.reshape(n, blocks, rows), 1, 0)  # (blocks, n, rows)

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import numpy as np
 import safetensors.numpy
+from jax.sharding import Mesh
 
 from jax_ensemble.config import Config
 from jax_ensemble.core.linearize import forward_flops, resolve_strategy
@@ -69,12 +70,14 @@ def gradient_settings(config: Config) -> dict[str, Any]:
     }
 
 
-def stage_projector(config: Config, features: Any) -> Projector:
+def stage_projector(config: Config, features: Any, mesh: Mesh | None = None) -> Projector:
     """The stage's projector P for the feature leaves ``features`` (regenerated from the
-    config's seed, kind and block size: the P that ``lift`` needs to map ŵ back to θ0 + P·ŵ)."""
+    config's seed, kind and block size: the P that ``lift`` needs to map ŵ back to θ0 + P·ŵ);
+    with ``mesh``, gradients' examples split over its (data, fsdp) axes."""
     gc = config.gradients
     return make_projector(features, gc.dim, seed=gc.seed, kind=gc.kind, block_rows=gc.block_rows,
-                          kernels=resolve_kernels(config.model.kernels, "projection"))
+                          kernels=resolve_kernels(config.model.kernels, "projection"), mesh=mesh,
+                          batch_axes=BATCH_AXES)
 
 
 def gradients_dir(config: Config) -> Path:
@@ -114,8 +117,8 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     model = model or load_run_model(config, sanity_check=False)
     graphdef, lora_state, base_state, tokenizer = model.graphdef, model.lora0, model.base, model.tokenizer
     features, fixed, space = lora_feature_split(lora_state)
-    projector = stage_projector(config, features)
     mesh = make_mesh(config.mesh)
+    projector = stage_projector(config, features, mesh)
     check_rows_fit(gc.batch_size, mesh, "gradients.batch_size")
     # the base by the partition rules, the (small) LoRA features replicated or split by the same
     # rules, each batch's examples over (data, fsdp); G comes back gathered on the host
