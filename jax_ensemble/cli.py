@@ -212,9 +212,10 @@ def _cmd_validate_estimates(args: argparse.Namespace) -> int:
         print("  linear estimate by task (worst accuracy error first): " + ", ".join(
             f"{task} {t['accuracy']['linear']:.2f} vs {t['accuracy']['actual']:.2f}"
             for task, t in summary["per_task"].items()))
-    print("  linear estimate by affinity.l2 (in-sample for these subsets): "
-          + ", ".join(f"{r['l2']:g}: {r['mean_relative_error_loss']:.3f} / {r['mean_abs_error_accuracy']:.3f}"
-                      for r in summary["l2_sweep"]))
+    print("  linear estimate by affinity.l2 (in-sample for these subsets; loss error / accuracy error"
+          " / loss Spearman): " + ", ".join(
+              f"{r['l2']:g}: {r['mean_relative_error_loss']:.3f} / {r['mean_abs_error_accuracy']:.3f}"
+              + (f" / {r['loss_spearman']:.2f}" if "loss_spearman" in r else "") for r in summary["l2_sweep"]))
     t = summary["timing"]
     if t["speedup"] is not None:
         print(f"wall time: estimating all {t['subsets_in_stage']} subsets {t['estimate_seconds_all_subsets']:.0f} s "

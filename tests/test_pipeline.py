@@ -144,6 +144,7 @@ def check_estimates(run_dir: Path) -> None:
     assert summary["speedup"] > 0 and Path(summary["scatter_png"]).read_bytes()[:4] == b"\x89PNG"
     same = next(r for r in summary["l2_sweep"] if r["l2"] == summary["l2"])  # re-solved: the stage's numbers
     assert same["mean_relative_error_loss"] == pytest.approx(summary["mean_relative_error_loss"], rel=1e-4)
+    assert same["loss_spearman"] == pytest.approx(summary["errors"]["linear"]["loss_spearman"], rel=1e-4, nan_ok=True)
     gradients = load_gradients(json.loads((Path(summary["affinity_dir"]) / "affinity.json").read_text())["gradients"])
     for pair in summary["pairs"]:
         part = gradients[pair["task"]]["validation"]

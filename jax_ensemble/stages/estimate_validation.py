@@ -132,9 +132,10 @@ def per_task(pairs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
 
 def l2_sweep(config: Config, gradients_directory: str | Path, subsets: np.ndarray, pairs: Sequence[Mapping[str, Any]],
              names: Sequence[str]) -> list[dict[str, float]]:
-    """The linear estimate's mean errors against the same fine-tuned outcomes for every λ of
-    :data:`L2_GRID` and ``affinity.l2`` (subsets: (K, n) bool): which λ makes the estimates
-    track this training recipe. In-sample for these K subsets; check a chosen λ on others."""
+    """The linear estimate's mean errors and Spearman correlations against the same
+    fine-tuned outcomes for every λ of :data:`L2_GRID` and ``affinity.l2`` (subsets: (K, n)
+    bool): which λ makes the estimates track this training recipe. In-sample for these K
+    subsets; check a chosen λ on others."""
     data = stack_tasks(load_gradients(gradients_directory))
     index = {name: i for i, name in enumerate(names)}
     rows = []
@@ -143,8 +144,8 @@ def l2_sweep(config: Config, gradients_directory: str | Path, subsets: np.ndarra
         swept = [{**p, "linear": {"loss": float(est.loss[p["subset"], index[p["task"]]]),
                                   "accuracy": float(est.accuracy[p["subset"], index[p["task"]]])}} for p in pairs]
         errors = summarize(swept)["linear"]
-        rows.append({"l2": l2, "mean_relative_error_loss": errors["mean_relative_error_loss"],
-                     "mean_abs_error_accuracy": errors["mean_abs_error_accuracy"],
+        rows.append({"l2": l2, **{key: errors[key] for key in (
+                         "mean_relative_error_loss", "mean_abs_error_accuracy", "loss_spearman", "accuracy_spearman")},
                      "mean_param_norm": float(np.linalg.norm(est.solution.params, axis=1).mean())})
     return rows
 
