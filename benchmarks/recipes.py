@@ -53,6 +53,7 @@ RECIPES: dict[str, list[str]] = {
     "adamw-lr2e-5": ["training.learning_rate=2e-5"],  # the paper's learning rate
     "l2-to-init-10": ["training.l2_to_init=10"],
     "lora-fa": ["training.train_lora_a=false"],
+    "warm-start-10": ["training.warm_start_steps=10"],  # gradients and every fine-tune from θ0 trained 10 steps
 }
 PARTS = ("study", "estimates", "accuracy")
 SHARED_STAGES = ("gradients", "affinity", "grouping")

@@ -116,9 +116,13 @@ def compute_flops(config: Config, arch, tables: dict[str, Table], adapters: dict
     single_inference = per_row["test"] * len(tables["test"]["label"])
     inference = {name: {way: per_row["test"] * count for way, count in passes.items()}
                  for name, passes in inference_passes.items()}
-    single_total = fine_tuning_flops(["single"]) + single_inference
-    ensemble_total = gradients + solves + fine_tuning_flops(groups + boosters) + inference["ensemble"]["routed"]
+    warm_start = (accounting.BACKWARD_FACTOR * per_row["train"] * config.training.warm_start_steps
+                  * config.training.batch_size)  # θ0 trained first (training.warm_start_steps), for every adapter
+    single_total = warm_start + fine_tuning_flops(["single"]) + single_inference
+    ensemble_total = (warm_start + gradients + solves + fine_tuning_flops(groups + boosters)
+                      + inference["ensemble"]["routed"])
     return {
+        "warm_start": warm_start,
         "gradients": gradients,
         "affinity_solves": solves,
         "training_single_adapter": fine_tuning_flops(["single"]),

@@ -160,3 +160,44 @@ def test_stage_on_a_2x2x2_mesh_equals_one_device(stage_config, stage_dir, tmp_pa
                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 2 and "gradients.batch_size = 4 does not split over mesh" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_warm_start_moves_theta0_for_the_gradients_and_is_restored(stage_config, tmp_path):
+    """training.warm_start_steps = 3: θ0 is LoRA's initialisation trained 3 steps on every
+    task's training rows (the engine on the suite's train table, same seed), B ≠ 0, so the
+    gradient stage takes every LoRA leaf as a feature, in its own directory; a second load
+    restores θ0 from the checkpoint bit for bit (no training)."""
+    import dataclasses
+
+    from jax_ensemble.stages.adapters import suite_tables
+    from jax_ensemble.stages.model import load_run_model
+    from jax_ensemble.training.engine import train
+    from jax_ensemble.training.losses import classification_objective
+    from jax_ensemble.training.mesh import make_mesh
+
+    config = dataclasses.replace(
+        stage_config, run_dir=str(tmp_path / "warm"),
+        training=dataclasses.replace(stage_config.training, warm_start_steps=3, batch_size=4, warmup_steps=0,
+                                     learning_rate=0.05))
+    warm = load_run_model(config, sanity_check=False)
+    cold = load_run_model(dataclasses.replace(config, training=dataclasses.replace(config.training,
+                                                                                    warm_start_steps=0)),
+                          sanity_check=False)
+    names = [t.name for t in load_suite(config.tasks)]
+    expected = train(classification_objective(cold.graphdef), cold.lora0, cold.base,
+                     suite_tables(config, cold.tokenizer, names, ("train",))["train"],
+                     dataclasses.replace(config.training, max_steps=3), make_mesh(config.mesh), seeds=[config.seed],
+                     progress=False).lora
+    for got, want in zip(jax.tree.leaves(warm.lora0), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-7)
+    assert lora_feature_split(warm.lora0)[2] == "lora"  # B ≠ 0: A and B are features
+    assert (tmp_path / "warm" / "adapters" / "warm-start" / "checkpoints").is_dir()
+    again = load_run_model(config, sanity_check=False)
+    for got, want in zip(jax.tree.leaves(again.lora0), jax.tree.leaves(warm.lora0)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    directory = gradient_stage(config, progress=False, model=warm)
+    manifest = json.loads((directory / "manifest.json").read_text())
+    assert directory.name != gradient_stage(dataclasses.replace(
+        config, training=dataclasses.replace(config.training, warm_start_steps=0)), progress=False, model=cold).name
+    assert manifest["settings"]["warm_start"]["warm_start_steps"] == 3
+    assert any("lora_a" in leaf["path"] for leaf in manifest["projector"]["leaves"])

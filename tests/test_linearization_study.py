@@ -54,6 +54,11 @@ def test_weight_distance_matches_dense_delta():
     _, lora, base = split_lora(model)
     np.testing.assert_allclose(lora_weight_distance(lora, base, 3.0),
                                dense_weight_distance(model, ("q_proj", "v_proj"), 3.0), rtol=1e-5)
+    # from a start (A0, B0) = (A, B) / 2: AB − A0B0 = 0.75 AB; from itself: 0
+    half = jax.tree.map(lambda x: x / 2, lora)
+    np.testing.assert_allclose(lora_weight_distance(lora, base, 3.0, start=half),
+                               0.75 * lora_weight_distance(lora, base, 3.0), rtol=1e-5)
+    assert lora_weight_distance(lora, base, 3.0, start=lora) == pytest.approx(0.0, abs=1e-7)
 
 
 def _outputs(logits: jax.Array, labels: jax.Array) -> jax.Array:

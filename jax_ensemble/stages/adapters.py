@@ -6,10 +6,12 @@ adapter per named task set with the training stage's settings, each with orbax
 checkpoints under ``<run_dir>/adapters/<name>/`` fingerprinted by what determines it
 (model, LoRA, tasks, training, seed — not the mesh or later stages' settings), so a
 finished adapter is restored and a killed one resumes, whichever command asks for it.
+:func:`warm_start` trains the job's θ0 when ``training.warm_start_steps`` > 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Sequence
 
@@ -43,6 +45,26 @@ def adapter_fingerprint(config: Config, task_names: Sequence[str]) -> dict[str, 
     settings = {**config_identity(config), "model": config.model.cache_identity()}
     return {"settings": {k: settings[k] for k in ("model", "lora", "tasks", "training", "seed")},
             "tasks": list(task_names)}
+
+
+def warm_start(config: Config, graphdef, lora0, base, tokenizer: Tokenizer) -> Any:
+    """θ0 of the job: ``lora0`` (LoRA's initialisation, B = 0), or with
+    ``training.warm_start_steps`` = N > 0 that adapter trained N steps on every task's
+    training rows of the suite with the training settings (checkpointed under
+    ``adapters/warm-start/``, so every command of the run gets the same θ0 back)."""
+    steps = config.training.warm_start_steps
+    if steps == 0:
+        return lora0
+    names = [task.name for task in load_suite(config.tasks)]
+    table = suite_tables(config, tokenizer, names, ("train",))["train"]
+    log.info("warm start: LoRA's initialisation trained %d steps on all %d tasks (%d rows)", steps, len(names),
+             num_rows(table))
+    result = train(classification_objective(graphdef), lora0, base, table,
+                   dataclasses.replace(config.training, max_steps=steps, patience=0), make_mesh(config.mesh),
+                   seeds=[config.seed], dropout=config.lora.dropout > 0,
+                   run_dir=config.resolved_run_dir() / "adapters" / "warm-start",
+                   fingerprint={**adapter_fingerprint(config, names), "warm_start": steps}, desc="warm-start")
+    return to_host(result.lora)
 
 
 def wall_seconds_of(history: Sequence[dict[str, Any]]) -> float | None:

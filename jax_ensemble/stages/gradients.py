@@ -56,7 +56,7 @@ class SplitGradients:
 
 def gradient_settings(config: Config) -> dict[str, Any]:
     """Everything that determines G and f0 (hashed into the stage's directory name)."""
-    return {
+    settings = {
         "model": config.model.cache_identity(),
         "lora": dataclasses.asdict(config.lora),
         "lora_init_seed": config.seed,
@@ -68,6 +68,9 @@ def gradient_settings(config: Config) -> dict[str, Any]:
         "dtype": "float32",
         "format": GRADIENT_FORMAT,
     }
+    if config.training.warm_start_steps:  # θ0 is a trained adapter: what trained it determines G and f0
+        settings["warm_start"] = config.training.identity()
+    return settings
 
 
 def stage_projector(config: Config, features: Any, mesh: Mesh | None = None) -> Projector:

@@ -51,16 +51,20 @@ from jax_ensemble.training.mesh import check_rows_fit, leaf_sharding, make_mesh,
 from jax_ensemble.training.progress import Progress
 
 
-def lora_weight_distance(lora: nnx.State, base: nnx.State, scaling: float) -> float:
-    """‖s·AB‖_F / ‖W0‖_F summed over every adapted module (W0 dequantized: q·scale)."""
+def lora_weight_distance(lora: nnx.State, base: nnx.State, scaling: float, start: nnx.State | None = None) -> float:
+    """‖s·(AB − A0B0)‖_F / ‖W0‖_F summed over every adapted module (W0 dequantized: q·scale;
+    A0, B0 from ``start``, default B0 = 0: the distance from LoRA's initialisation)."""
     flat_base = {tuple(path): var[...] for path, var in nnx.to_flat_state(base)}
     flat_lora = {tuple(path): var[...] for path, var in nnx.to_flat_state(lora)}
+    flat_start = {} if start is None else {tuple(path): var[...] for path, var in nnx.to_flat_state(start)}
     delta_sq = base_sq = 0.0
     for path, a in flat_lora.items():
         if path[-1] != "lora_a":
             continue
         prefix = path[:-1]
         b = flat_lora[prefix + ("lora_b",)]
+        if start is not None:
+            a, b = jnp.concatenate([a, flat_start[path]], -1), jnp.concatenate([b, -flat_start[prefix + ("lora_b",)]], -2)
         w0 = jnp.asarray(flat_base[prefix + ("kernel",)], jnp.float32)
         if prefix + ("scale",) in flat_base:  # int8: one scale per output channel
             w0 = dequantize_int8(w0, flat_base[prefix + ("scale",)], reduce_axis=w0.ndim - 2)
@@ -152,6 +156,10 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
         apply_lora(adapted, lora_config, jax.random.key(config.seed))
         graphdef, lora0, base = split_lora(adapted)
         base, lora0 = put_tree(base, mesh), put_tree(lora0, mesh)
+        if warm := config.training.warm_start_steps:  # θ0: LoRA's init trained on the study's rows first
+            lora0 = train(classification_objective(graphdef), lora0, base, train_table,
+                          dataclasses.replace(config.training, max_steps=warm, patience=0), mesh,
+                          seeds=[config.seed], progress=False).lora
         ev0 = _evaluate(graphdef, lora0, lora0, base, validation, eval_bs, mesh)
         for lr in rates:
             training = dataclasses.replace(config.training, learning_rate=lr, max_steps=step_counts[-1])
@@ -168,7 +176,8 @@ def run_study(config: Config, *, progress: bool = True) -> dict[str, Any]:
                     "rank": rank,
                     "learning_rate": lr,
                     "is_default_training_length": step == default_steps,
-                    "weight_distance": lora_weight_distance(state.lora, base, scaling),
+                    "weight_distance": lora_weight_distance(state.lora, base, scaling,
+                                                            lora0 if config.training.warm_start_steps else None),
                     **_summary(ev, ev0),
                     "seconds": round(time.perf_counter() - start, 1),
                 })

@@ -4,7 +4,8 @@
 measures the logits before and after attaching LoRA (B = 0 must leave them unchanged),
 greedy-completes the sanity prompt, and splits the adapted model into the functional
 pieces every later stage takes: ``graphdef``, the initial adapter ``lora0`` (A random,
-B = 0: θ0) and the frozen ``base``.
+B = 0: θ0; with ``training.warm_start_steps`` > 0 that adapter trained on all tasks first,
+:func:`jax_ensemble.stages.adapters.warm_start`) and the frozen ``base``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from jax_ensemble.models.generate import greedy_generate
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import apply_lora, count_parameters, split_lora
 from jax_ensemble.models.tokenizer import Tokenizer
+from jax_ensemble.stages.adapters import warm_start
 from jax_ensemble.training.mesh import leaf_sharding, make_mesh
 
 
@@ -53,7 +55,8 @@ def load_run_model(config: Config, *, sanity_check: bool = True) -> RunModel:
     if not sanity_check:
         apply_lora(model, config.lora, jax.random.key(config.seed))
         graphdef, lora0, base = split_lora(model)
-        return RunModel(graphdef, lora0, base, tokenizer, model.config, {})
+        return RunModel(graphdef, warm_start(config, graphdef, lora0, base, tokenizer), base, tokenizer,
+                        model.config, {})
     probe = jnp.array([tokenizer.encode(config.sanity_prompt)])
     base_logits = np.asarray(model(probe, logit_positions=jnp.array([probe.shape[1] - 1])))
     targets = apply_lora(model, config.lora, jax.random.key(config.seed))
@@ -72,4 +75,6 @@ def load_run_model(config: Config, *, sanity_check: bool = True) -> RunModel:
         "load_seconds": round(load_seconds, 2),
     }
     graphdef, lora0, base = split_lora(model)
-    return RunModel(graphdef, lora0, base, tokenizer, model.config, summary)
+    summary["warm_start_steps"] = config.training.warm_start_steps
+    return RunModel(graphdef, warm_start(config, graphdef, lora0, base, tokenizer), base, tokenizer, model.config,
+                    summary)

@@ -55,10 +55,10 @@ class MeshConfig:
 
 
 TRAINING_BUDGETS = ("epochs", "equal")
-# training options added after adapters were first checkpointed, with their defaults: they
-# enter a fingerprint only when set (TrainingConfig.identity)
-LATER_DEFAULTS: dict[str, Any] = {"l2_to_init": 0.0, "train_lora_a": True}
 """How long each adapter of a multi-adapter job trains (see :class:`TrainingConfig`)."""
+LATER_DEFAULTS: dict[str, Any] = {"l2_to_init": 0.0, "train_lora_a": True, "warm_start_steps": 0}
+"""Training options added after adapters were first checkpointed, with their defaults: they
+enter a fingerprint only when set (:meth:`TrainingConfig.identity`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +86,10 @@ class TrainingConfig:
     −lr·l2_to_init·(θ − θ0) to every update (weight decay toward the initial adapter, not
     toward 0); ``train_lora_a`` false freezes every LoRA A at its initialisation (LoRA-FA:
     B alone trains, A gets no update and no optimizer state, halving it).
+    ``warm_start_steps`` > 0 moves θ0 itself: LoRA's initialisation is first trained that
+    many steps on every task's training rows (these settings, one adapter), and that θ0
+    (B ≠ 0) is where the gradients are taken (every LoRA leaf a feature), where the
+    estimates linearize and where every adapter of the job starts.
     """
 
     learning_rate: float = 5e-4
@@ -104,6 +108,7 @@ class TrainingConfig:
     budget: str = "epochs"
     l2_to_init: float = 0.0
     train_lora_a: bool = True
+    warm_start_steps: int = 0
 
     def __post_init__(self) -> None:
         if self.learning_rate <= 0:
@@ -117,7 +122,7 @@ class TrainingConfig:
             )
         if self.max_steps < 0 or (self.max_steps == 0 and self.epochs <= 0):
             raise ConfigError("training.max_steps must be > 0, or training.epochs > 0 with max_steps 0")
-        for key in ("warmup_steps", "patience"):
+        for key in ("warmup_steps", "patience", "warm_start_steps"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"training.{key} must be >= 0, got {getattr(self, key)}")
         for key in ("eval_every", "checkpoint_every", "keep_last"):
