@@ -85,8 +85,7 @@ def write_verified_json(path: str | Path, obj: Any) -> Path:
     return write_verified(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_verified_json(path: str | Path, *, shared: bool = False) -> Any | None:
-    """The JSON value of a verified file, or None as :func:`read_verified`
-    (:func:`read_verified_shared` with ``shared``)."""
-    data = read_verified_shared(path) if shared else read_verified(path)
+def read_verified_json(path: str | Path) -> Any | None:
+    """The JSON value of a verified file, or None as :func:`read_verified`."""
+    data = read_verified(path)
     return None if data is None else json.loads(data)
