@@ -94,7 +94,18 @@ def estimates_part(config: Config, subsets: int) -> dict[str, Any]:
             "loss_relative_error": linear["mean_relative_error_loss"],
             "base_accuracy_error": base["mean_abs_error_accuracy"],
             "loss_spearman": linear["loss_spearman"], "accuracy_spearman": linear["accuracy_spearman"],
-            "speedup": summary["speedup"]}
+            "speedup": summary["speedup"], "l2_sweep": summary["l2_sweep"]}
+
+
+def best_l2(out: Path, recipe: str, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The λ of validate-estimates' affinity.l2 sweep with the lowest accuracy error (in-sample:
+    chosen on the pairs it is scored on, so optimistic), from the record or, for records
+    written before the sweep was kept, from the recipe's validation.json."""
+    sweep = ((record.get("estimates") or {}).get("result") or {}).get("l2_sweep")
+    if sweep is None:
+        found = sorted((out / recipe / "validate-estimates").glob("*/validation.json"))
+        sweep = json.loads(found[0].read_text())["l2_sweep"] if found else None
+    return None if not sweep else min(sweep, key=lambda r: r["mean_abs_error_accuracy"])
 
 
 def accuracy_part(config: Config) -> dict[str, Any]:
@@ -102,8 +113,9 @@ def accuracy_part(config: Config) -> dict[str, Any]:
     return {"average_accuracy": metrics["average_accuracy"], "groups": metrics["groups"]}
 
 
-def table(records: dict[str, dict[str, Any]]) -> str:
-    """One row per recipe: the study at 100 steps, the estimate errors, test accuracy."""
+def table(records: dict[str, dict[str, Any]], out: Path) -> str:
+    """One row per recipe: the study at 100 steps, the estimate errors (at affinity.l2 and at
+    the sweep's best λ), test accuracy."""
     def get(rec: dict[str, Any], *path: str) -> Any:
         for key in path:
             rec = rec.get(key) if isinstance(rec, dict) else None
@@ -113,8 +125,8 @@ def table(records: dict[str, dict[str, Any]]) -> str:
         return "—" if x is None else format(x, fmt)
 
     lines = ["| recipe | official error @100 | Σ|f−f_lin|/Σ|f−f0| @100 | weight distance | acc f / f_lin | "
-             "acc error (base) | loss error | Spearman loss / acc | single | ensemble |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "acc error (base) | loss error | Spearman loss / acc | best λ: acc / loss error | single | ensemble |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, rec in records.items():
         last = (get(rec, "study", "result", "settings") or [{}])[-1]
         est = get(rec, "estimates", "result") or {}
@@ -126,6 +138,8 @@ def table(records: dict[str, dict[str, Any]]) -> str:
             f"{num(est.get('accuracy_error'), '.3f')} ({num(est.get('base_accuracy_error'), '.3f')})",
             num(est.get("loss_relative_error"), ".3f"),
             f"{num(est.get('loss_spearman'), '.2f')} / {num(est.get('accuracy_spearman'), '.2f')}",
+            "—" if (best := best_l2(out, name, rec)) is None else
+            f"{best['l2']:g}: {best['mean_abs_error_accuracy']:.3f} / {best['mean_relative_error_loss']:.3f}",
             num(acc.get("single_adapter"), ".3f"), num(acc.get("ensemble"), ".3f") + " |"]))
     return "\n".join(lines)
 
@@ -179,7 +193,7 @@ def main() -> None:
                                                     "wall_seconds": round(time.perf_counter() - start, 1)}
             atomic_write_json(results_path, records)
     shown = {r: records[r] for r in args.recipes if r in records}
-    print(table(shown))
+    print(table(shown, out))
     png = frontier_png(shown, results_path.with_suffix(".png"))
     if png is not None:
         print(f"frontier: {png}")
