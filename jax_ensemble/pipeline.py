@@ -22,6 +22,11 @@ Stages 4–5 compute each logit pass once: the members' validation logits serve 
 fit and boosting, the zero-shot test logits the boosted ensemble's base term, and every
 pass is kept under ``logits/`` (:mod:`jax_ensemble.stages.logit_cache`), so a rerun or a
 resumed run reads them back instead of running the network.
+
+A multi-host job (``mesh.coordinator_address``, one process per host) runs every stage on
+every process, the network passes as SPMD programs over the global mesh, meeting at a
+barrier per stage; process 0 writes every file and runs the host-side solves (affinity,
+SDP, ensemble weights), whose results it broadcasts (:mod:`jax_ensemble.storage.processes`).
 """
 
 from __future__ import annotations
