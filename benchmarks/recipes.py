@@ -43,7 +43,7 @@ from jax_ensemble.cli import configure_logging
 from jax_ensemble.config import Config, config_hash, load_config
 from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.pipeline import run
-from jax_ensemble.stages.estimate_validation import validate_estimates
+from jax_ensemble.stages.estimate_validation import summarize, validate_estimates
 from jax_ensemble.stages.linearization_study import run_study
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 
@@ -93,8 +93,28 @@ def estimates_part(config: Config, subsets: int) -> dict[str, Any]:
     return {"subsets": subsets, "accuracy_error": linear["mean_abs_error_accuracy"],
             "loss_relative_error": linear["mean_relative_error_loss"],
             "base_accuracy_error": base["mean_abs_error_accuracy"],
-            "loss_spearman": linear["loss_spearman"], "accuracy_spearman": linear["accuracy_spearman"],
-            "speedup": summary["speedup"], "l2_sweep": summary["l2_sweep"]}
+            **rank_correlations(linear), "speedup": summary["speedup"], "l2_sweep": summary["l2_sweep"]}
+
+
+RANK_KEYS = ("loss_spearman", "accuracy_spearman", "loss_change_spearman", "within_task_loss_spearman")
+
+
+def rank_correlations(errors: dict[str, Any]) -> dict[str, float]:
+    """The linear estimate's Spearman correlations of validate-estimates' ``errors``."""
+    return {key: errors[key] for key in RANK_KEYS}
+
+
+def backfill_rank_correlations(out: Path, records: dict[str, dict[str, Any]]) -> bool:
+    """Records written before a rank correlation existed get it from their recipe's
+    ``validation.json`` pairs (when the run directory is still there); whether any did."""
+    changed = False
+    for recipe, record in records.items():
+        result = (record.get("estimates") or {}).get("result")
+        found = sorted((out / recipe / "validate-estimates").glob("*/validation.json"))
+        if result is not None and not all(key in result for key in RANK_KEYS) and found:
+            result.update(rank_correlations(summarize(json.loads(found[0].read_text())["pairs"])["linear"]))
+            changed = True
+    return changed
 
 
 def best_l2(out: Path, recipe: str, record: dict[str, Any]) -> dict[str, Any] | None:
@@ -125,7 +145,8 @@ def table(records: dict[str, dict[str, Any]], out: Path) -> str:
         return "—" if x is None else format(x, fmt)
 
     lines = ["| recipe | official error @100 | Σ|f−f_lin|/Σ|f−f0| @100 | weight distance | acc f / f_lin | "
-             "acc error (base) | loss error | Spearman loss / acc | best λ: acc / loss error | single | ensemble |",
+             "acc error (base) | loss error | loss Spearman: pairs / change / within task | best λ: acc / loss error "
+             "| single | ensemble |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for name, rec in records.items():
         last = (get(rec, "study", "result", "settings") or [{}])[-1]
@@ -137,7 +158,8 @@ def table(records: dict[str, dict[str, Any]], out: Path) -> str:
             f"{num(last.get('accuracy_f'), '.3f')} / {num(last.get('accuracy_f_lin'), '.3f')}",
             f"{num(est.get('accuracy_error'), '.3f')} ({num(est.get('base_accuracy_error'), '.3f')})",
             num(est.get("loss_relative_error"), ".3f"),
-            f"{num(est.get('loss_spearman'), '.2f')} / {num(est.get('accuracy_spearman'), '.2f')}",
+            " / ".join(num(est.get(key), ".2f")
+                       for key in ("loss_spearman", "loss_change_spearman", "within_task_loss_spearman")),
             "—" if (best := best_l2(out, name, rec)) is None else
             f"{best['l2']:g}: {best['mean_abs_error_accuracy']:.3f} / {best['mean_relative_error_loss']:.3f}",
             num(acc.get("single_adapter"), ".3f"), num(acc.get("ensemble"), ".3f") + " |"]))
@@ -195,6 +217,8 @@ def main() -> None:
     configure_logging("info")
     out, results_path = Path(args.out), Path(args.results)
     records: dict[str, dict[str, Any]] = json.loads(results_path.read_text()) if results_path.is_file() else {}
+    if backfill_rank_correlations(out, records):
+        atomic_write_json(results_path, records)
     runners: dict[str, Callable[[Config], dict[str, Any]]] = {
         "study": study_part, "estimates": lambda c: estimates_part(c, args.subsets), "accuracy": accuracy_part}
     for recipe in args.recipes:

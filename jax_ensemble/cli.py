@@ -206,8 +206,11 @@ def _cmd_validate_estimates(args: argparse.Namespace) -> int:
               f"{p['weight_space']['accuracy']:>7.3f}")
     for name in PREDICTORS:
         e = summary["errors"][name]
+        ranks = [f"{e[k]:.2f}" if k in e else "-" for k in  # older results lack the last two
+                 ("loss_spearman", "loss_change_spearman", "within_task_loss_spearman")]
         print(f"  {name + ' estimate:':<24} mean relative loss error {e['mean_relative_error_loss']:.3f}, "
-              f"mean abs accuracy error {e['mean_abs_error_accuracy']:.3f}")
+              f"mean abs accuracy error {e['mean_abs_error_accuracy']:.3f}, loss Spearman over pairs / of the "
+              f"change from the base / within tasks {' / '.join(ranks)}")
     if "per_task" in summary:  # results written before the per-task summary existed lack it
         print("  linear estimate by task (worst accuracy error first): " + ", ".join(
             f"{task} {t['accuracy']['linear']:.2f} vs {t['accuracy']['actual']:.2f}"

@@ -61,6 +61,27 @@ def test_spearman_matches_scipy_with_ties():
     assert np.isnan(errors["base"]["loss_spearman"])
 
 
+def test_change_and_within_task_spearman_match_scipy():
+    """The rank correlation of the change from the base model over all pairs, and the mean
+    over tasks (≥ 3 pairs) of the per-task rank correlation, against scipy's spearmanr."""
+    rng = np.random.default_rng(2)
+    tasks = np.array(["a"] * 5 + ["b"] * 4 + ["c"] * 2)  # c has too few pairs to count
+    actual = np.abs(rng.normal(size=(11, 2))) + 0.3
+    linear = actual + rng.normal(size=(11, 2)) * 0.2
+    base = np.abs(rng.normal(size=(11, 2))) + 0.5
+    pairs = [{**_pair(a, e, a, b), "task": t} for a, e, b, t in zip(actual, linear, base, tasks)]
+    errors = summarize(pairs)
+    change = scipy.stats.spearmanr(linear[:, 0] - base[:, 0], actual[:, 0] - base[:, 0]).statistic
+    within = np.mean([scipy.stats.spearmanr(linear[tasks == t, 0], actual[tasks == t, 0]).statistic for t in "ab"])
+    assert errors["linear"]["loss_change_spearman"] == pytest.approx(change, rel=1e-9)
+    assert errors["linear"]["within_task_loss_spearman"] == pytest.approx(within, rel=1e-9)
+    assert errors["weight_space"]["within_task_loss_spearman"] == pytest.approx(1.0)  # weight space = actual here
+    assert np.isnan(errors["base"]["loss_change_spearman"])  # the base predicts no change at all
+    no_tasks = summarize([_pair(a, e, a, b) for a, e, b in zip(actual, linear, base)])  # one unnamed task of 11
+    assert no_tasks["linear"]["within_task_loss_spearman"] == pytest.approx(
+        scipy.stats.spearmanr(linear[:, 0], actual[:, 0]).statistic, rel=1e-9)
+
+
 def test_per_task_groups_the_pairs_of_each_task_worst_first():
     pairs = [{**_pair((0.5, 0.50), (0.6, 0.70), (0.5, 0.5), (0.7, 0.5)), "task": "a"},
              {**_pair((0.4, 0.80), (0.4, 0.80), (0.8, 0.4), (0.7, 0.5)), "task": "b"},

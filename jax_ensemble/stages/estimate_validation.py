@@ -83,19 +83,40 @@ def average_ranks(x: np.ndarray) -> np.ndarray:
     return (np.bincount(tie, weights=positions) / counts)[tie]
 
 
+def rank_correlation(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman's ρ of (n,) ``x`` and ``y``: the Pearson correlation of their average ranks
+    (NaN when either side is constant)."""
+    rx, ry = average_ranks(x), average_ranks(y)
+    return float(np.corrcoef(rx, ry)[0, 1]) if rx.std() > 0 and ry.std() > 0 else float("nan")
+
+
+def within_task_rank_correlation(tasks: np.ndarray, x: np.ndarray, y: np.ndarray, min_pairs: int = 3) -> float:
+    """Mean over tasks of Spearman's ρ between ``x`` and ``y`` (n,) across the pairs of that
+    task (``tasks`` (n,) names), for tasks with at least ``min_pairs`` pairs and a defined ρ;
+    NaN when none. For the affinity this asks: for task t, does the estimate rank the subsets
+    containing t as fine-tuning does (which partners help t most)?"""
+    values = [rank_correlation(x[tasks == t], y[tasks == t])
+              for t in np.unique(tasks) if (tasks == t).sum() >= min_pairs]
+    values = [v for v in values if not np.isnan(v)]
+    return float(np.mean(values)) if values else float("nan")
+
+
 def summarize(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean errors of every predictor over the (subset, task) pairs, and the Pearson and
     Spearman (Pearson of average ranks) correlations of estimated with actual loss and
     accuracy (NaN when either side is constant). Grouping needs the ranking more than the
-    values, hence Spearman."""
+    values, hence Spearman, in three forms for the loss: over all pairs (``loss_spearman``,
+    dominated by how the tasks differ), of the change from the base model
+    (``loss_change_spearman``: estimate − base against fine-tuned − base), and within each
+    task across its subsets (``within_task_loss_spearman``, pairs with a ``task``; the
+    question the grouping asks)."""
     actual_loss = np.array([p["actual"]["loss"] for p in pairs])
     actual_acc = np.array([p["actual"]["accuracy"] for p in pairs])
+    base_loss = np.array([p["base"]["loss"] for p in pairs])
+    tasks = np.array([p.get("task", "") for p in pairs])
 
     def corr(x: np.ndarray, y: np.ndarray) -> float:
         return float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
-
-    def rank_corr(x: np.ndarray, y: np.ndarray) -> float:
-        return corr(average_ranks(x), average_ranks(y))
 
     out = {}
     for name in PREDICTORS:
@@ -106,8 +127,10 @@ def summarize(pairs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
             "mean_abs_error_accuracy": float(np.mean(np.abs(acc - actual_acc))),
             "loss_correlation": corr(loss, actual_loss),
             "accuracy_correlation": corr(acc, actual_acc),
-            "loss_spearman": rank_corr(loss, actual_loss),
-            "accuracy_spearman": rank_corr(acc, actual_acc),
+            "loss_spearman": rank_correlation(loss, actual_loss),
+            "accuracy_spearman": rank_correlation(acc, actual_acc),
+            "loss_change_spearman": rank_correlation(loss - base_loss, actual_loss - base_loss),
+            "within_task_loss_spearman": within_task_rank_correlation(tasks, loss, actual_loss),
         }
     return out
 
@@ -145,7 +168,8 @@ def l2_sweep(config: Config, gradients_directory: str | Path, subsets: np.ndarra
                                   "accuracy": float(est.accuracy[p["subset"], index[p["task"]]])}} for p in pairs]
         errors = summarize(swept)["linear"]
         rows.append({"l2": l2, **{key: errors[key] for key in (
-                         "mean_relative_error_loss", "mean_abs_error_accuracy", "loss_spearman", "accuracy_spearman")},
+                         "mean_relative_error_loss", "mean_abs_error_accuracy", "loss_spearman", "accuracy_spearman",
+                         "loss_change_spearman", "within_task_loss_spearman")},
                      "mean_param_norm": float(np.linalg.norm(est.solution.params, axis=1).mean())})
     return rows
 
