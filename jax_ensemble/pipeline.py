@@ -9,8 +9,8 @@
    on all tasks (the single-adapter baseline), each with orbax checkpoints under
    ``adapters/<name>/`` (a finished adapter is restored, a killed one resumes);
 4. ``ensemble``: convex weights per task on validation logits, then boosting rounds whose
-   learners train with the same engine (checkpoints under ``adapters/boost-<r>/``, restored
-   on a rerun);
+   learners train with the same engine from θ0 with B = 0 (the base model's function, as the
+   boosting objective needs; checkpoints under ``adapters/boost-<r>/``, restored on a rerun);
 5. ``evaluation``: per-task test accuracy of zero-shot, single adapter, random groups and
    the boosted ensemble, analytical FLOPs per stage, peak memory;
 6. ``report``: ``metrics.json`` (written last), ``report.md``, ``affinity.png``,
@@ -48,6 +48,7 @@ from jax_ensemble.core import ensemble as ensemble_maths
 from jax_ensemble.core.batch import Table
 from jax_ensemble.core.trees import stack_trees, zeros_like_member
 from jax_ensemble.data.tables import num_rows
+from jax_ensemble.models.lora import with_zero_b
 from jax_ensemble.models.peft_export import export_peft_adapter
 from jax_ensemble.report import write_report
 from jax_ensemble.stages import accounting
@@ -240,7 +241,7 @@ def run(config: Config) -> Path:
     if config.ensemble.boosting_steps:
         boosting_training = adapter_training(config.training, num_rows(tables["train"]))
         grouped, chosen = boost_trained(
-            graphdef, grouped, lora0, base, tables["train"], groups, boosting_training, mesh,
+            graphdef, grouped, with_zero_b(lora0), base, tables["train"], groups, boosting_training, mesh,
             steps=config.ensemble.boosting_steps, step_size=config.ensemble.step_size, seed=config.seed,
             batch_size=bs, validation=val, validation_member_logits=group_val_logits,
             run_dir=run_dir / "adapters", fingerprint={**adapter_fingerprint(config, names), "groups": groups},

@@ -33,11 +33,11 @@ from jax_ensemble.core.ensemble import (
 )
 from jax_ensemble.core.losses import NO_CHOICE_LOGIT
 from jax_ensemble.core.projection import make_projector
-from jax_ensemble.core.trees import stack_trees, unstack_tree
+from jax_ensemble.core.trees import stack_trees, unstack_tree, zeros_like_member
 from jax_ensemble.data.tables import eval_batches
 from jax_ensemble.errors import ConfigError, DataError, NumericalError, SolverError
 from jax_ensemble.models import LlamaForCausalLM
-from jax_ensemble.models.lora import LoRAConfig, init_member_adapters
+from jax_ensemble.models.lora import LoRAConfig, init_member_adapters, with_zero_b
 from jax_ensemble.models.lora_gradients import batch_gradients, lora_feature_split
 from jax_ensemble.stages.ensemble import (
     boost,
@@ -303,6 +303,31 @@ def test_trained_boosting_lowers_the_training_loss_of_a_weak_ensemble():
     np.testing.assert_allclose(after[~rows], before[~rows], rtol=1e-5, atol=1e-5)  # η = 0 off the group
     assert _train_loss(after, train) < _train_loss(before, train)
     assert _train_loss(after[~rows], other) == pytest.approx(_train_loss(before[~rows], other), rel=1e-5)
+
+
+def test_a_trained_adapter_with_zero_b_is_the_base_model_and_starts_a_boosting_round():
+    """with_zero_b (the boosters' start under a warm-started θ0): B = 0, A kept, the base
+    model's logits (an adapter of zeros), and boosting accepts it where it refuses the
+    trained adapter."""
+    graphdef, members, _, base = adapters()
+    trained = unstack_tree(members)[0]
+    reset = with_zero_b(trained)
+    originals = {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(trained)}
+    paths = [jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(reset)]
+    assert sorted(paths) == sorted(originals) and any("lora_b" in p for p in paths)
+    for path, leaf in zip(paths, jax.tree.leaves(reset)):
+        expected = np.zeros_like(originals[path]) if "lora_b" in path else originals[path]
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(expected))
+    train = two_task_table(16, seed=3)
+    logits = stacked_table_logits(graphdef, stack_trees([reset, trained]), base, train, batch_size=16)
+    zero = stacked_table_logits(graphdef, stack_trees([zeros_like_member(members)]), base, train, batch_size=16)[0]
+    np.testing.assert_allclose(logits[0], zero, rtol=1e-6, atol=1e-6)
+    assert np.abs(logits[1] - zero).max() > 1e-2  # the trained adapter is not the base model
+    weak = make_ensemble(jax.tree.map(lambda x: x[:1], members), np.ones((2, 1)))
+    config = TrainingConfig(learning_rate=1e-2, warmup_steps=0, max_steps=2, batch_size=8)
+    _, chosen = boost_trained(graphdef, weak, reset, base, train, [[0], [1]], config, make_mesh(MeshConfig()),
+                              batch_size=16, progress=False)
+    assert len(chosen) == 1
 
 
 def test_every_boosting_round_sees_the_current_ensemble_and_the_base_on_its_group():

@@ -93,6 +93,14 @@ def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
     return nnx.split(model, nnx.LoRAParam, ...)
 
 
+def with_zero_b(lora_state: nnx.State) -> nnx.State:
+    """``lora_state`` with every ``lora_b`` leaf 0 and A kept: an adapter whose function is
+    the base model's (x·A·B = 0) that still trains (∂/∂B ≠ 0), as LoRA's initialisation is.
+    The start of a boosting round when θ0 itself was trained (``training.warm_start_steps``)."""
+    b_state, rest = nnx.split_state(lora_state, nnx.PathContains("lora_b"), ...)
+    return nnx.merge_state(jax.tree.map(jnp.zeros_like, b_state), rest)
+
+
 def merge_lora(graphdef: nnx.GraphDef, lora_state: nnx.State, base_state: nnx.State) -> nnx.Module:
     """Inverse of :func:`split_lora`."""
     return nnx.merge(graphdef, lora_state, base_state)
