@@ -47,13 +47,15 @@ from jax_ensemble.stages.estimate_validation import summarize, validate_estimate
 from jax_ensemble.stages.linearization_study import run_study
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 
+COLD = "training.warm_start_steps=0"  # θ0 = LoRA's initialisation (B = 0), the default until 2026-12-05
 RECIPES: dict[str, list[str]] = {
-    "adamw-lr5e-4": [],  # today's default
-    "adamw-lr1e-4": ["training.learning_rate=1e-4"],
-    "adamw-lr2e-5": ["training.learning_rate=2e-5"],  # the paper's learning rate
-    "l2-to-init-10": ["training.l2_to_init=10"],
-    "lora-fa": ["training.train_lora_a=false"],
-    "warm-start-10": ["training.warm_start_steps=10"],  # gradients and every fine-tune from θ0 trained 10 steps
+    "adamw-lr5e-4": [COLD],
+    "adamw-lr1e-4": [COLD, "training.learning_rate=1e-4"],
+    "adamw-lr2e-5": [COLD, "training.learning_rate=2e-5"],  # the paper's learning rate
+    "l2-to-init-10": [COLD, "training.l2_to_init=10"],
+    "lora-fa": [COLD, "training.train_lora_a=false"],
+    # today's default: gradients and every fine-tune from θ0 = LoRA's init trained 10 steps on all tasks
+    "warm-start-10": ["training.warm_start_steps=10"],
 }
 PARTS = ("study", "estimates", "accuracy")
 SHARED_STAGES = ("gradients", "affinity", "grouping")

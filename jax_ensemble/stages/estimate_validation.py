@@ -9,7 +9,8 @@ and every task t ∈ S is scored on its validation rows four ways:
 - ``actual``: the fine-tuned adapter through the network;
 - ``linear``: the linear estimate f0 + ⟨g, ŵ_S⟩ (the affinity stage's numbers);
 - ``weight_space``: the adapter θ0 + P·ŵ_S through the network (P regenerated from its seed);
-- ``base``: the base model, i.e. predicting "fine-tuning changes nothing" — the trivial
+- ``base``: θ0 itself (the base model, or with ``training.warm_start_steps`` the
+  warm-started adapter), i.e. predicting "fine-tuning changes nothing" — the trivial
   estimate any useful one must beat.
 
 Score = mean cross-entropy over the task's label words (binary: the logistic loss of the
