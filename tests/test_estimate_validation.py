@@ -77,6 +77,8 @@ def test_change_and_within_task_spearman_match_scipy():
     assert errors["linear"]["within_task_loss_spearman"] == pytest.approx(within, rel=1e-9)
     assert errors["weight_space"]["within_task_loss_spearman"] == pytest.approx(1.0)  # weight space = actual here
     assert np.isnan(errors["base"]["loss_change_spearman"])  # the base predicts no change at all
+    jittered = [{**p, "base": {"loss": 0.7 * (1 + 1e-7 * i), "accuracy": 0.5}} for i, p in enumerate(pairs)]
+    assert np.isnan(summarize(jittered)["base"]["within_task_loss_spearman"])  # float rounding is no ranking
     no_tasks = summarize([_pair(a, e, a, b) for a, e, b in zip(actual, linear, base)])  # one unnamed task of 11
     assert no_tasks["linear"]["within_task_loss_spearman"] == pytest.approx(
         scipy.stats.spearmanr(linear[:, 0], actual[:, 0]).statistic, rel=1e-9)
