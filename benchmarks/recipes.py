@@ -43,7 +43,12 @@ from jax_ensemble.cli import configure_logging
 from jax_ensemble.config import Config, config_hash, load_config
 from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.pipeline import run
-from jax_ensemble.stages.estimate_validation import summarize, validate_estimates
+from jax_ensemble.stages.estimate_validation import (
+    LOSS_RANK_CORRELATIONS,
+    RANK_CORRELATIONS,
+    summarize,
+    validate_estimates,
+)
 from jax_ensemble.stages.linearization_study import run_study
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 
@@ -98,12 +103,16 @@ def estimates_part(config: Config, subsets: int) -> dict[str, Any]:
             **rank_correlations(linear), "speedup": summary["speedup"], "l2_sweep": summary["l2_sweep"]}
 
 
-RANK_KEYS = ("loss_spearman", "accuracy_spearman", "loss_change_spearman", "within_task_loss_spearman")
-
-
 def rank_correlations(errors: dict[str, Any]) -> dict[str, float]:
     """The linear estimate's Spearman correlations of validate-estimates' ``errors``."""
-    return {key: errors[key] for key in RANK_KEYS}
+    return {key: errors[key] for key in RANK_CORRELATIONS}
+
+
+def recipe_validation(out: Path, recipe: str) -> dict[str, Any] | None:
+    """The recipe's ``validation.json`` (validate-estimates' output), None when its run
+    directory is not there."""
+    found = sorted((out / recipe / "validate-estimates").glob("*/validation.json"))
+    return json.loads(found[0].read_text()) if found else None
 
 
 def backfill_rank_correlations(out: Path, records: dict[str, dict[str, Any]]) -> bool:
@@ -112,9 +121,10 @@ def backfill_rank_correlations(out: Path, records: dict[str, dict[str, Any]]) ->
     changed = False
     for recipe, record in records.items():
         result = (record.get("estimates") or {}).get("result")
-        found = sorted((out / recipe / "validate-estimates").glob("*/validation.json"))
-        if result is not None and not all(key in result for key in RANK_KEYS) and found:
-            result.update(rank_correlations(summarize(json.loads(found[0].read_text())["pairs"])["linear"]))
+        if result is None or all(key in result for key in RANK_CORRELATIONS):
+            continue
+        if (validation := recipe_validation(out, recipe)) is not None:
+            result.update(rank_correlations(summarize(validation["pairs"])["linear"]))
             changed = True
     return changed
 
@@ -124,9 +134,8 @@ def best_l2(out: Path, recipe: str, record: dict[str, Any]) -> dict[str, Any] | 
     chosen on the pairs it is scored on, so optimistic), from the record or, for records
     written before the sweep was kept, from the recipe's validation.json."""
     sweep = ((record.get("estimates") or {}).get("result") or {}).get("l2_sweep")
-    if sweep is None:
-        found = sorted((out / recipe / "validate-estimates").glob("*/validation.json"))
-        sweep = json.loads(found[0].read_text())["l2_sweep"] if found else None
+    if sweep is None and (validation := recipe_validation(out, recipe)) is not None:
+        sweep = validation["l2_sweep"]
     return None if not sweep else min(sweep, key=lambda r: r["mean_abs_error_accuracy"])
 
 
@@ -160,8 +169,7 @@ def table(records: dict[str, dict[str, Any]], out: Path) -> str:
             f"{num(last.get('accuracy_f'), '.3f')} / {num(last.get('accuracy_f_lin'), '.3f')}",
             f"{num(est.get('accuracy_error'), '.3f')} ({num(est.get('base_accuracy_error'), '.3f')})",
             num(est.get("loss_relative_error"), ".3f"),
-            " / ".join(num(est.get(key), ".2f")
-                       for key in ("loss_spearman", "loss_change_spearman", "within_task_loss_spearman")),
+            " / ".join(num(est.get(key), ".2f") for key in LOSS_RANK_CORRELATIONS),
             "—" if (best := best_l2(out, name, rec)) is None else
             f"{best['l2']:g}: {best['mean_abs_error_accuracy']:.3f} / {best['mean_relative_error_loss']:.3f}",
             num(acc.get("single_adapter"), ".3f"), num(acc.get("ensemble"), ".3f") + " |"]))

@@ -191,7 +191,7 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 
 
 def _cmd_validate_estimates(args: argparse.Namespace) -> int:
-    from jax_ensemble.stages.estimate_validation import PREDICTORS, validate_estimates
+    from jax_ensemble.stages.estimate_validation import LOSS_RANK_CORRELATIONS, PREDICTORS, validate_estimates
 
     summary = validate_estimates(_job_config(args), args.subsets)
     if args.json:
@@ -206,8 +206,7 @@ def _cmd_validate_estimates(args: argparse.Namespace) -> int:
               f"{p['weight_space']['accuracy']:>7.3f}")
     for name in PREDICTORS:
         e = summary["errors"][name]
-        ranks = [f"{e[k]:.2f}" if k in e else "-" for k in  # older results lack the last two
-                 ("loss_spearman", "loss_change_spearman", "within_task_loss_spearman")]
+        ranks = [f"{e[k]:.2f}" if k in e else "-" for k in LOSS_RANK_CORRELATIONS]  # older results lack some
         print(f"  {name + ' estimate:':<24} mean relative loss error {e['mean_relative_error_loss']:.3f}, "
               f"mean abs accuracy error {e['mean_abs_error_accuracy']:.3f}, loss Spearman over pairs / of the "
               f"change from the base / within tasks {' / '.join(ranks)}")

@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 PREDICTORS = ("linear", "weight_space", "base")
 """The estimates compared with the fine-tuned outcome (see the module docstring)."""
 
+LOSS_RANK_CORRELATIONS = ("loss_spearman", "loss_change_spearman", "within_task_loss_spearman")
+"""The loss's Spearman correlations of :func:`summarize`: over pairs, of the change, within tasks."""
+RANK_CORRELATIONS = ("loss_spearman", "accuracy_spearman", "loss_change_spearman", "within_task_loss_spearman")
+"""Every Spearman correlation of :func:`summarize` (also in each :func:`l2_sweep` row)."""
+
 L2_GRID = (1e-3, 1e-2, 0.1, 1.0, 10.0, 30.0, 100.0, 300.0, 1e3, 1e4)
 """λ values of the sweep: the linear estimate re-solved for the same subsets (cheap: no network)."""
 
@@ -174,8 +179,7 @@ def l2_sweep(config: Config, gradients_directory: str | Path, subsets: np.ndarra
                                   "accuracy": float(est.accuracy[p["subset"], index[p["task"]]])}} for p in pairs]
         errors = summarize(swept)["linear"]
         rows.append({"l2": l2, **{key: errors[key] for key in (
-                         "mean_relative_error_loss", "mean_abs_error_accuracy", "loss_spearman", "accuracy_spearman",
-                         "loss_change_spearman", "within_task_loss_spearman")},
+                         "mean_relative_error_loss", "mean_abs_error_accuracy", *RANK_CORRELATIONS)},
                      "mean_param_norm": float(np.linalg.norm(est.solution.params, axis=1).mean())})
     return rows
 
