@@ -35,8 +35,10 @@ from sklearn.linear_model import LogisticRegression
 from jax_ensemble.core import affinity, clustering, solvers
 
 
-def synthetic_gradients(num_tasks: int, rows: int, dim: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(G (N, d) float32, labels (N,) float32, task_ids (N,))."""
+def synthetic_gradients(num_tasks: int, rows: int, dim: int, seed: int,
+                        num_teachers: int = 3) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(G (N, d) float32, labels (N,) float32, task_ids (N,)); task t's labels come from
+    teacher t mod ``num_teachers`` (the planted groups)."""
     rng = np.random.default_rng(seed)
     rank = min(32, dim)
     basis = rng.normal(size=(rank, dim)) / np.sqrt(dim)
@@ -45,8 +47,8 @@ def synthetic_gradients(num_tasks: int, rows: int, dim: int, seed: int) -> tuple
     task_means = 0.3 * rng.normal(size=(num_tasks, dim)) / np.sqrt(dim) * 4
     g = (rng.normal(size=(len(task_ids), rank)) * spectrum) @ basis + task_means[task_ids]
     g += 0.2 * rng.normal(size=g.shape) / np.sqrt(dim) * 4
-    teachers = rng.normal(size=(3, dim)) * 2
-    logits = np.einsum("nd,nd->n", g, teachers[task_ids % 3])
+    teachers = rng.normal(size=(num_teachers, dim)) * 2
+    logits = np.einsum("nd,nd->n", g, teachers[task_ids % num_teachers])
     labels = (rng.random(len(g)) < 1 / (1 + np.exp(-logits))).astype(np.float32)
     return g.astype(np.float32), labels, task_ids
 
@@ -144,7 +146,7 @@ def main() -> None:
         t = rng.normal(size=(n, n))
         t = (t + t.T) / 2
         np.fill_diagonal(t, 0)
-        for solver in clustering.SDP_SOLVERS:
+        for solver in (*clustering.CVXPY_SOLVERS, clustering.LOWRANK_SOLVER):
             _, info = clustering.sdp_cluster_matrix(t, max(2, n // 5), solver=solver)
             sdp[f"n{n}_{solver}"] = info["solve_seconds"]
 

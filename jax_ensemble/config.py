@@ -181,7 +181,9 @@ class ClusteringConfig:
     method: ``sdp`` (the relaxation, rounded by average linkage) | ``spectral`` |
     ``random`` | ``one`` (all tasks together) | ``each`` (one group per task);
     num_groups: m, or 0 to take the largest eigengap of the normalised affinity;
-    solver: cvxpy's ``CLARABEL`` or ``SCS`` for the SDP.
+    solver: the SDP's solver: cvxpy's interior-point ``CLARABEL`` or ``SCS``, the low-rank
+    ``BURER_MONTEIRO`` (JAX; thousands of tasks), or ``auto`` (CLARABEL up to 60 tasks, the
+    low-rank solver beyond).
     """
 
     method: str = "sdp"

@@ -29,6 +29,26 @@ def test_subsets_distinct_sized_seeded_and_cover_pairs():
     assert affinity.subset_size(10, 0.3) == 3 and affinity.subset_size(11, 0.3) == 4 and affinity.subset_size(3, 0.1) == 2
 
 
+def test_subsets_at_scale_draw_only_uncovered_pairs():
+    """Pairs of 200 tasks, as many subsets as pairs: each subset starts from an uncovered
+    pair (found by per-task counts, not a scan of the n × n matrix), so the 19,900 subsets
+    are the 19,900 pairs, each once."""
+    pairs = affinity.sample_subsets(200, math.comb(200, 2), fraction=0.01, seed=0)
+    assert (pairs.sum(axis=1) == 2).all() and affinity.pair_coverage(pairs) == 1.0
+    assert len({tuple(np.flatnonzero(row)) for row in pairs}) == math.comb(200, 2)
+    large = affinity.sample_subsets(1000, 200, fraction=0.005, seed=0)  # k = 5: 10 new pairs per subset
+    together = large.T.astype(int) @ large
+    assert together[np.triu_indices(1000, 1)].max() == 1  # no pair twice while most are uncovered
+
+
+def test_solve_chunk_size_bounds_the_working_set():
+    per_subset = 4 * (400 * 400 + 2 * 100 * 400)  # Newton, d = 400, 100 rows, binary
+    chunk = affinity.solve_chunk_size("newton", 10_000, 100, 1, 400)
+    assert chunk * per_subset <= affinity.SOLVE_MEMORY_BYTES < (chunk + 1) * per_subset
+    assert affinity.solve_chunk_size("newton", 50, 100, 1, 400) is None
+    assert affinity.solve_chunk_size("lbfgs", 10_000, 30_000, 1, 400) is not None
+
+
 def _tasks(num_tasks=5, per_task=(60, 30, 90, 45, 75), d=8, seed=0):
     """Binary tasks whose labels follow task-specific directions (tasks 0-1 and 2-4 share one)."""
     rng = np.random.default_rng(seed)
@@ -52,7 +72,8 @@ def test_estimates_match_sklearn_fits_subset_by_subset(balance, method):
     l2 = 0.5
     est = affinity.estimate_subsets(jnp.array(g), jnp.zeros(len(labels)), jnp.array(labels), jnp.array(task_ids),
                                     jnp.array(train), jnp.array(val), jnp.array(subsets), l2=l2,
-                                    example_weights=jnp.array(weights), method=method)
+                                    example_weights=jnp.array(weights), method=method,
+                                    chunk_size=4 if balance else None)  # balanced: also the chunked (lax.map) path
     assert bool(est.solution.converged.all())
     for s, members in enumerate(subsets):
         rows = train & members[task_ids]

@@ -22,7 +22,8 @@ def _partition(labels):
     return {frozenset(np.flatnonzero(labels == g).tolist()) for g in np.unique(labels)}
 
 
-@pytest.mark.parametrize("method, solver", [("sdp", "CLARABEL"), ("sdp", "SCS"), ("spectral", "CLARABEL")])
+@pytest.mark.parametrize("method, solver", [("sdp", "CLARABEL"), ("sdp", "SCS"), ("sdp", "BURER_MONTEIRO"),
+                                            ("spectral", "CLARABEL")])
 def test_planted_groups_recovered_and_permutation_invariant(method, solver):
     t, planted = _planted()
     grouping = clustering.cluster(t, method=method, num_groups=3, solver=solver)
@@ -32,7 +33,8 @@ def test_planted_groups_recovered_and_permutation_invariant(method, solver):
     # task perm[i] of the original is task i of the permuted problem: same groups, relabelled
     assert _partition(permuted.labels[np.argsort(perm)]) == _partition(grouping.labels)
     if method == "sdp":
-        assert grouping.info["status"] == "optimal" and grouping.info["solver"] == solver
+        status = "converged" if solver == clustering.LOWRANK_SOLVER else "optimal"
+        assert grouping.info["status"] == status and grouping.info["solver"] == solver
 
 
 def _all_partitions(items, m):
@@ -62,13 +64,16 @@ def test_sdp_bounds_brute_force_optimum_and_rounds_to_it():
         if value > best_value:
             best_value, best = value, labels
     assert sum(1 for _ in _all_partitions(list(range(n)), m)) == 301  # Stirling S(7, 3)
-    x, info = clustering.sdp_cluster_matrix(t, m)
+    x, info = clustering.sdp_cluster_matrix(t, m, solver="CLARABEL")
     assert info["objective"] >= best_value - 1e-6  # a relaxation: never below the best partition
     np.testing.assert_allclose(x.sum(axis=1), 1, atol=1e-6)
     assert np.trace(x) == pytest.approx(m, abs=1e-6) and np.linalg.eigvalsh(x).min() > -1e-6
     rounded = clustering.round_similarity(x, m)
     assert float(np.sum(t * clustering.partition_matrix(rounded))) == pytest.approx(best_value)
     assert _partition(rounded) == _partition(best)
+    lowrank, lowrank_info = clustering.sdp_cluster_matrix(t, m, solver=clustering.LOWRANK_SOLVER)
+    assert lowrank_info["objective"] == pytest.approx(info["objective"], rel=1e-3)
+    assert _partition(clustering.round_similarity(lowrank, m)) == _partition(best)
 
 
 def test_baselines_and_num_groups():
@@ -95,6 +100,8 @@ def test_errors():
         clustering.cluster(t, num_groups=11)
     with pytest.raises(ConfigError, match="clustering.solver must be one of"):
         clustering.cluster(t, num_groups=3, solver="MOSEK")
+    with pytest.raises(SolverError, match="low-rank grouping SDP did not converge .* try clustering.solver=CLARABEL"):
+        clustering.cluster(t, num_groups=3, solver="BURER_MONTEIRO", solver_options={"max_outer": 1})
     with pytest.raises(ConfigError, match="symmetric and finite"):
         clustering.cluster(t + np.triu(np.ones_like(t)), num_groups=3)
 

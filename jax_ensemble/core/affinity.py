@@ -44,7 +44,9 @@ def sample_subsets(num_tasks: int, num_subsets: int, *, fraction: float = 0.3, s
     covering the most uncovered pairs with the members (ties drawn at random). Every
     subset then covers at least one new pair, so all n(n−1)/2 pairs co-occur once
     ``num_subsets`` ≥ n(n−1)/2, and in practice near the bound ⌈C(n,2)/C(k,2)⌉ (15 for
-    n = 10, k = 3). Afterwards subsets are uniform draws; duplicates are redrawn."""
+    n = 10, k = 3). Afterwards subsets are uniform draws; duplicates are redrawn.
+    O(n·k) per subset (uncovered pairs counted per task, gains updated per added task):
+    10,000 subsets of 1,000 tasks take about a second."""
     if num_tasks < 2:
         raise DataError(f"task affinity needs at least 2 tasks, got {num_tasks}")
     k = subset_size(num_tasks, fraction)
@@ -55,18 +57,20 @@ def sample_subsets(num_tasks: int, num_subsets: int, *, fraction: float = 0.3, s
         )
     rng = np.random.default_rng(seed)
     covered = np.eye(num_tasks, dtype=bool)
+    row_uncovered = np.arange(num_tasks - 1, -1, -1)  # per task i: uncovered pairs (i, j > i)
     seen: set[tuple[int, ...]] = set()
     subsets = np.zeros((num_subsets, num_tasks), dtype=bool)
     for s in range(num_subsets):
         while True:
-            uncovered = np.argwhere(np.triu(~covered))
-            if len(uncovered):
-                members = list(uncovered[rng.integers(len(uncovered))])
+            total = int(row_uncovered.sum())
+            if total:
+                members = list(_uncovered_pair(covered, row_uncovered, int(rng.integers(total))))
+                gain = (~covered[:, members[0]]).astype(np.int64) + ~covered[:, members[1]]
                 while len(members) < k:
-                    gain = (~covered[:, members]).sum(axis=1).astype(float)
-                    gain[members] = -1
-                    best = np.flatnonzero(gain == gain.max())
-                    members.append(int(rng.choice(best)))
+                    score = gain.astype(float)
+                    score[members] = -1
+                    members.append(int(rng.choice(np.flatnonzero(score == score.max()))))
+                    gain += ~covered[:, members[-1]]
             else:
                 members = list(rng.choice(num_tasks, size=k, replace=False))
             key = tuple(sorted(int(m) for m in members))
@@ -75,7 +79,17 @@ def sample_subsets(num_tasks: int, num_subsets: int, *, fraction: float = 0.3, s
         seen.add(key)
         subsets[s, list(key)] = True
         covered[np.ix_(key, key)] = True
+        for i in key:
+            row_uncovered[i] = np.count_nonzero(~covered[i, i + 1 :])
     return subsets
+
+
+def _uncovered_pair(covered: np.ndarray, row_uncovered: np.ndarray, index: int) -> tuple[int, int]:
+    """The ``index``-th uncovered pair (i < j) in row-major order, in O(n)."""
+    ends = np.cumsum(row_uncovered)
+    i = int(np.searchsorted(ends, index, side="right"))
+    offset = index - int(ends[i] - row_uncovered[i])
+    return i, i + 1 + int(np.flatnonzero(~covered[i, i + 1 :])[offset])
 
 
 def balancing_weights(task_ids: np.ndarray, train_mask: np.ndarray, num_tasks: int) -> np.ndarray:
@@ -128,6 +142,22 @@ def subset_rows(subsets: np.ndarray, task_ids: np.ndarray, train_mask: np.ndarra
     return rows.astype(np.int32), np.take_along_axis(member, rows, axis=1)
 
 
+SOLVE_MEMORY_BYTES = 2 * 1024**3
+"""Working set the subsets' solves may take at once (:func:`solve_chunk_size`)."""
+
+
+def solve_chunk_size(method: str, num_subsets: int, rows: int, classes: int, dim: int) -> int | None:
+    """Subsets to solve at once so that their float32 working set stays under
+    :data:`SOLVE_MEMORY_BYTES`; None when all ``num_subsets`` fit. Per subset of ``rows``
+    rows (Newton: its own rows; L-BFGS: all rows, masked) with K = ``classes`` outputs:
+    Newton holds the d × d Hessian and its gathered (rows, K, d) features, L-BFGS a few
+    (rows, K) vectors and its 2·10 curvature pairs of d."""
+    per_subset = 4 * (dim * dim + 2 * rows * classes * dim if method == "newton" else 4 * rows * classes + 20 * dim)
+    if num_subsets * per_subset <= SOLVE_MEMORY_BYTES:
+        return None
+    return max(1, SOLVE_MEMORY_BYTES // per_subset)
+
+
 def estimate_subsets(
     features: jax.Array,
     offsets: jax.Array,
@@ -148,13 +178,17 @@ def estimate_subsets(
     all 1). With Newton, subset S trains on its rows only (:func:`subset_rows`: its Hessian
     costs O(rows·d²)); L-BFGS weighs all N rows by a 0/1 mask instead, so its products with
     G are one matrix product over all subsets. ``chunk_size`` subsets are solved at once
-    (None: all)."""
+    (None: :func:`solve_chunk_size`, all of them unless that exceeds the memory budget)."""
     base = np.ones(len(task_ids), np.float32) if example_weights is None else np.asarray(example_weights, np.float32)
-    if solvers.resolve_method(method, features.shape[-1]) == "newton":
+    resolved = solvers.resolve_method(method, features.shape[-1])
+    if resolved == "newton":
         rows, valid = subset_rows(subsets, task_ids, train_mask)
         weights, rows = jnp.asarray(valid * base[rows]), jnp.asarray(rows)
     else:
         weights, rows = jnp.asarray(np.asarray(subsets, bool)[:, task_ids] * (train_mask * base)), None
+    if chunk_size is None:
+        classes = 1 if features.ndim == 2 else features.shape[1]
+        chunk_size = solve_chunk_size(resolved, len(subsets), weights.shape[1], classes, features.shape[-1])
     solution = solvers.solve_many(features, offsets, labels, weights, l2, rows=rows, method=method,
                                   chunk_size=chunk_size)
     val_of_task = np.eye(subsets.shape[1], dtype=np.float32)[task_ids] * np.asarray(val_mask, np.float32)[:, None]

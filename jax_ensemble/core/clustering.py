@@ -2,7 +2,9 @@
 docs/method.md §5 and baselines.
 
 - :func:`sdp_cluster_matrix`: maximise ⟨T, X⟩ s.t. X ⪰ 0, X ≥ 0, X·1 = 1, tr X = m
-  (cvxpy; an exact m-clustering is X = Σ_k 1_{C_k}1_{C_k}ᵀ/|C_k|);
+  (an exact m-clustering is X = Σ_k 1_{C_k}1_{C_k}ᵀ/|C_k|) by cvxpy's interior-point
+  solvers or, past :data:`AUTO_LOWRANK_ABOVE` tasks, the low-rank factorisation of
+  :mod:`jax_ensemble.core.lowrank_sdp`;
 - :func:`round_similarity`: m clusters from a similarity matrix by average-linkage
   agglomeration on the cosine distance 1 − S_ij/√(S_ii S_jj), cut at m clusters. It
   looks at values only, never at positions, so permuting the tasks permutes the
@@ -25,10 +27,15 @@ import numpy as np
 import scipy.cluster.hierarchy
 import scipy.spatial.distance
 
+from jax_ensemble.core import lowrank_sdp
 from jax_ensemble.errors import ConfigError, SolverError
 
 METHODS = ("sdp", "spectral", "random", "one", "each")
-SDP_SOLVERS = ("CLARABEL", "SCS")
+CVXPY_SOLVERS = ("CLARABEL", "SCS")
+LOWRANK_SOLVER = "BURER_MONTEIRO"
+SDP_SOLVERS = ("auto", *CVXPY_SOLVERS, LOWRANK_SOLVER)
+AUTO_LOWRANK_ABOVE = 60
+"""``auto`` uses CLARABEL up to this many tasks (n = 60: seconds) and the low-rank solver beyond."""
 
 
 class Grouping(NamedTuple):
@@ -57,22 +64,46 @@ def partition_matrix(labels: np.ndarray) -> np.ndarray:
     return same / same.sum(axis=1, keepdims=True)
 
 
-def sdp_cluster_matrix(
-    affinity: np.ndarray, num_groups: int, *, solver: str = "CLARABEL", solver_options: dict[str, Any] | None = None
-) -> tuple[np.ndarray, dict[str, Any]]:
-    """Solve the SDP relaxation; returns X (n × n) and {status, objective, solve_seconds,
-    solver}. Raises SolverError unless cvxpy reports ``optimal``."""
-    import cvxpy as cp
-
-    t = np.asarray(affinity, np.float64)
-    n = t.shape[0]
+def resolve_sdp_solver(solver: str, num_tasks: int) -> str:
+    """The solver ``solver`` names for n = ``num_tasks`` (``auto``: by :data:`AUTO_LOWRANK_ABOVE`)."""
     if solver not in SDP_SOLVERS:
         raise ConfigError(f"clustering.solver must be one of {', '.join(SDP_SOLVERS)}; got {solver!r}")
+    if solver == "auto":
+        return LOWRANK_SOLVER if num_tasks > AUTO_LOWRANK_ABOVE else "CLARABEL"
+    return solver
+
+
+def sdp_cluster_matrix(
+    affinity: np.ndarray, num_groups: int, *, solver: str = "auto", solver_options: dict[str, Any] | None = None
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Solve the SDP relaxation; returns X (n × n) and {solver, status, objective,
+    solve_seconds} (the low-rank solver adds infeasibility, rank and iterations).
+    ``solver_options`` go to cvxpy's solve or to :func:`lowrank_sdp.burer_monteiro`.
+    Raises SolverError unless cvxpy reports ``optimal`` or the low-rank solve converged."""
+    t = np.asarray(affinity, np.float64)
+    n = t.shape[0]
+    solver = resolve_sdp_solver(solver, n)
+    start = time.perf_counter()
+    if solver == LOWRANK_SOLVER:
+        solution = lowrank_sdp.burer_monteiro(t, num_groups, **(solver_options or {}))
+        x = np.asarray(solution.matrix, np.float64)
+        info = {"solver": solver, "status": "converged" if bool(solution.converged) else "not converged",
+                "objective": float(solution.objective), "solve_seconds": round(time.perf_counter() - start, 4),
+                "infeasibility": float(solution.infeasibility), "rank": int(solution.factor.shape[1]),
+                "outer_iterations": int(solution.outer_iterations),
+                "inner_iterations": int(solution.inner_iterations)}
+        if not solution.converged:
+            raise SolverError(
+                f"the low-rank grouping SDP did not converge (infeasibility {info['infeasibility']:.2g} after "
+                f"{info['outer_iterations']} outer steps); try clustering.solver=CLARABEL, or a larger rank"
+            )
+        return (x + x.T) / 2, info
+    import cvxpy as cp
+
     x = cp.Variable((n, n), PSD=True)
     problem = cp.Problem(cp.Maximize(cp.sum(cp.multiply(t, x))),
                          [x >= 0, cp.sum(x, axis=1) == 1, cp.trace(x) == num_groups])
-    other = next(s for s in SDP_SOLVERS if s != solver)
-    start = time.perf_counter()
+    other = next(s for s in CVXPY_SOLVERS if s != solver)
     try:
         problem.solve(solver=solver, **(solver_options or {}))
     except cp.error.SolverError:
@@ -138,7 +169,7 @@ def cluster(
     *,
     method: str = "sdp",
     num_groups: int = 0,
-    solver: str = "CLARABEL",
+    solver: str = "auto",
     seed: int = 0,
     solver_options: dict[str, Any] | None = None,
 ) -> Grouping:
