@@ -8,7 +8,7 @@ import pytest
 from test_clustering import _planted
 
 from jax_ensemble.core import clustering, lowrank_sdp
-from jax_ensemble.errors import ConfigError
+from jax_ensemble.errors import ConfigError, SolverError
 
 
 def _random(num_tasks, seed):
@@ -57,6 +57,18 @@ def test_invariances():
     permuted = lowrank_sdp.burer_monteiro(t[np.ix_(perm, perm)], 3)
     assert float(permuted.objective) == pytest.approx(float(base.objective), rel=1e-3)
     np.testing.assert_allclose(np.asarray(permuted.matrix), np.asarray(base.matrix)[np.ix_(perm, perm)], atol=2e-3)
+
+
+def test_auto_falls_back_from_a_failed_interior_point():
+    """A planted instance on which CLARABEL ends 'optimal_inaccurate' (its optimum is a
+    degenerate vertex): ``auto`` solves it with the low-rank solver and says why."""
+    t, planted = _planted((12, 10, 10, 8), noise=1.2, seed=0)
+    with pytest.raises(SolverError, match="optimal_inaccurate"):
+        clustering.sdp_cluster_matrix(t, 4, solver="CLARABEL")
+    grouping = clustering.cluster(t, num_groups=4, solver="auto")
+    assert grouping.info["solver"] == clustering.LOWRANK_SOLVER and "optimal_inaccurate" in grouping.info["fallback_from"]
+    _, scs = clustering.sdp_cluster_matrix(t, 4, solver="SCS")
+    assert grouping.info["objective"] == pytest.approx(scs["objective"], rel=1e-3)
 
 
 def test_resolve_and_errors():

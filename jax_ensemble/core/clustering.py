@@ -79,10 +79,19 @@ def sdp_cluster_matrix(
     """Solve the SDP relaxation; returns X (n × n) and {solver, status, objective,
     solve_seconds} (the low-rank solver adds infeasibility, rank and iterations).
     ``solver_options`` go to cvxpy's solve or to :func:`lowrank_sdp.burer_monteiro`.
-    Raises SolverError unless cvxpy reports ``optimal`` or the low-rank solve converged."""
+    Raises SolverError unless cvxpy reports ``optimal`` or the low-rank solve converged;
+    ``auto`` falls back from a failed cvxpy solve to the low-rank solver (``fallback_from``
+    in the info says why)."""
     t = np.asarray(affinity, np.float64)
     n = t.shape[0]
-    solver = resolve_sdp_solver(solver, n)
+    resolved = resolve_sdp_solver(solver, n)
+    if solver == "auto" and resolved != LOWRANK_SOLVER:
+        try:
+            return sdp_cluster_matrix(t, num_groups, solver=resolved, solver_options=solver_options)
+        except SolverError as error:  # e.g. CLARABEL's 'optimal_inaccurate' on a degenerate (planted) instance
+            x, info = sdp_cluster_matrix(t, num_groups, solver=LOWRANK_SOLVER)
+            return x, {**info, "fallback_from": str(error)}
+    solver = resolved
     start = time.perf_counter()
     if solver == LOWRANK_SOLVER:
         solution = lowrank_sdp.burer_monteiro(t, num_groups, **(solver_options or {}))
