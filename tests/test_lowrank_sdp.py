@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from test_clustering import _planted
 
 from jax_ensemble.core import clustering, lowrank_sdp
