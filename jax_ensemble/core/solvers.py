@@ -130,6 +130,23 @@ def _grid_step(value: Callable, theta: jax.Array, z: jax.Array, delta: jax.Array
     return steps[first], values[first]
 
 
+def _hessian_at(g: jax.Array, z: jax.Array, labels: jax.Array, w: jax.Array, l2: float, loss: Callable) -> jax.Array:
+    """Σ_i w_i G_iᵀ ∇²_z ℓ(y_i, z_i) G_i + 2λI (d, d) at outputs z (n, K), g (n, K, d)."""
+    curv = jax.vmap(jax.hessian(loss))(z, labels) * w[:, None, None]  # (n, K, K)
+    eye = jnp.eye(g.shape[-1], dtype=g.dtype)
+    return jnp.einsum("nkd,nke->de", g, jnp.einsum("nkl,nle->nke", curv, g)) + 2.0 * l2 * eye
+
+
+def hessian(
+    params: jax.Array, features: jax.Array, offsets: jax.Array, labels: jax.Array, weights: jax.Array, l2: float
+) -> jax.Array:
+    """∇²F(θ) (d, d) = Σ_i w_i G_iᵀ ∇²_z ℓ(y_i, z_i) G_i + 2λI, z = o + Gθ (the outputs are
+    linear in θ, so this Gauss–Newton form is F's exact Hessian)."""
+    g, o, binary = _as_multiclass(features, offsets)
+    z = o + jnp.einsum("nkd,d->nk", g, params)
+    return _hessian_at(g, z, labels, weights.astype(g.dtype), l2, _example_loss(binary))
+
+
 def newton(
     features: jax.Array,
     offsets: jax.Array,
@@ -153,13 +170,11 @@ def newton(
     loss = _example_loss(binary)
     d = g.shape[-1]
     w = weights.astype(g.dtype)
-    eye = jnp.eye(d, dtype=g.dtype)
     value, gradient = _objective_fns(g, labels, w, l2, binary)
 
     def step(carry):
         theta, z, grad, val, gap, _, it = carry
-        curv = jax.vmap(jax.hessian(loss))(z, labels) * w[:, None, None]  # (n, K, K)
-        hess = jnp.einsum("nkd,nke->de", g, jnp.einsum("nkl,nle->nke", curv, g)) + 2.0 * l2 * eye
+        hess = _hessian_at(g, z, labels, w, l2, loss)
         delta = -jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(hess, lower=True), grad)
         dz = jnp.einsum("nkd,d->nk", g, delta)
         slope = jnp.vdot(grad, delta)
