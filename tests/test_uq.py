@@ -23,6 +23,9 @@ from jax_ensemble.data.tables import table_of_splits
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import init_member_adapters, merge_lora
+from jax_ensemble.models.lora_gradients import lora_feature_split
+from jax_ensemble.stages.ensemble import lifted_adapter
+from jax_ensemble.stages.gradients import stage_projector
 
 METRICS = {"accuracy", "ece", "nll", "brier", "ood_auroc"}
 NUM_BINS = 5
@@ -108,14 +111,14 @@ def test_uq_metrics_match_an_independent_recomputation(tiny_hf_dir, tmp_path, mo
     monkeypatch.setattr(uq_stage, "train", spy_train)
     summary = uq_stage.run_uq(config, progress=False)
     results = summary["results"]
-    assert list(results) == ["single", "ensemble", "ensemble_kl", "mc_dropout"]
+    assert list(results) == ["single", "ensemble", "ensemble_kl", "mc_dropout", "laplace"]
     assert json.loads((tmp_path / "run" / "uq" / "seed-4" / "results.json").read_text())["results"] == results
     assert (tmp_path / "run" / "uq" / "seed-4" / "reliability.png").read_bytes()[:4] == b"\x89PNG"
     assert summary["test_examples"] == {"in_distribution": 8, "out_of_distribution": 8}
 
     # 1. metrics from the scored logits, independently
     for name, (id_logits, labels, ood_logits) in zip(results, scored):
-        samples = 1 if name == "single" else 2
+        samples = 1 if name in ("single", "laplace") else 2
         assert id_logits.shape == (samples, 8, 2) and ood_logits.shape == (samples, 8, 2), name
         expected = _expected_metrics(id_logits, labels, ood_logits)
         assert results[name].keys() >= METRICS
@@ -151,8 +154,45 @@ def test_uq_metrics_match_an_independent_recomputation(tiny_hf_dir, tmp_path, mo
     np.testing.assert_allclose(kl_table["base_logits"],
                                np.asarray(label_logits(base_model, {k: jnp.asarray(v) for k, v in kl_table.items()})),
                                rtol=1e-4, atol=1e-4)
-    mc = scored[-1][0]
+    mc = scored[list(results).index("mc_dropout")][0]
     assert not np.allclose(mc[0], mc[1])  # two dropout samples of one adapter
+
+
+def test_laplace_rows_are_the_models_label_logits_and_their_gradients(tiny_hf_dir, tmp_path, monkeypatch):
+    """The laplace method's regression rows checked against the model itself: f0 is the base
+    model's z1 − z0 (class 0's column 0), G·w the derivative of z1 − z0 along the adapter
+    θ0 + P·w (a central difference through the network); with λ → ∞ (ŵ → 0, Σ → 0) the
+    predictive is the base model's softmax on the test rows."""
+    config = _tiny_config(tiny_hf_dir, tmp_path, steps=1, kl_penalty=0.0)
+    model, tokenizer = load_pretrained(str(tiny_hf_dir), base_dtype="int8")
+    setup = uq_stage.seed_setup(config, model, tokenizer)
+    fitted, fit = [], uq_stage.laplace.fit_laplace
+    monkeypatch.setattr(uq_stage.laplace, "fit_laplace", lambda g, f0, y, l2: fitted.append((g, f0, y)) or fit(g, f0, y, l2))
+    uq_stage.laplace_logits(config, setup, progress=False)
+    g, f0, y = (np.asarray(a) for a in fitted[0])
+    lora0 = unstack_tree(setup.initial)[0]
+
+    def log_odds(lora, table):
+        z = np.asarray(label_logits(merge_lora(setup.graphdef, lora, setup.base),
+                                    {k: jnp.asarray(v) for k, v in table.items()}), np.float64)
+        return z[:, 1] - z[:, 0], z
+
+    base_odds, _ = log_odds(lora0, setup.train_table)
+    np.testing.assert_array_equal(y, setup.train_table["label"])
+    np.testing.assert_allclose(f0[:, 0], 0)
+    np.testing.assert_allclose(g[:, 0], 0)
+    np.testing.assert_allclose(f0[:, 1], base_odds, rtol=1e-4, atol=1e-4)
+    projector = stage_projector(config, lora_feature_split(lora0)[0])
+    w = np.random.default_rng(0).normal(size=g.shape[-1]).astype(np.float32)
+    eps = 1e-2
+    plus, _ = log_odds(lifted_adapter(projector, eps * w, lora0), setup.train_table)
+    minus, _ = log_odds(lifted_adapter(projector, -eps * w, lora0), setup.train_table)
+    np.testing.assert_allclose(g[:, 1] @ w, (plus - minus) / (2 * eps), rtol=2e-2, atol=2e-2 * np.abs(plus - minus).max() / eps)
+
+    prior_only = dataclasses.replace(config, affinity=dataclasses.replace(config.affinity, l2=1e12))
+    id_log_probs, _ = uq_stage.laplace_logits(prior_only, setup, progress=False)
+    _, z = log_odds(lora0, setup.tables[0])
+    np.testing.assert_allclose(id_log_probs[0], z - np.log(np.exp(z).sum(1, keepdims=True)), atol=1e-4)
 
 
 @pytest.mark.slow
@@ -162,7 +202,7 @@ def test_uq_json_reports_every_method(tmp_path):
                  "training.batch_size=4", timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     summary = json.loads(result.stdout)
-    assert set(summary["results"]) == {"single", "ensemble", "mc_dropout"}
+    assert set(summary["results"]) == {"single", "ensemble", "mc_dropout", "laplace"}
     for name, row in summary["results"].items():
         assert METRICS <= set(row), name
         assert 0.0 <= row["accuracy"] <= 1.0 and 0.0 <= row["ece"] <= 1.0 and row["nll"] > 0
@@ -198,6 +238,14 @@ def test_uq_over_seeds_resumes_each_seed_and_pairs_the_methods(tiny_hf_dir, tmp_
             assert got["mean"] == pytest.approx(d.mean(), abs=1e-12)
             assert got["ci95"] == pytest.approx([d.mean() - half, d.mean() + half], abs=1e-9)
     assert "± " in (uq_dir / "table.md").read_text()
+    # a seed recorded before the laplace method gains it without retraining, the same numbers
+    path = uq_dir / "seed-4" / "results.json"
+    older = json.loads(path.read_text())
+    del older["results"]["laplace"]
+    path.write_text(json.dumps(older))
+    again = uq_stage.run_uq(config, [4, 5], progress=False)
+    assert ran == [4, 5] and again["results"] == summary["results"]
+    assert json.loads(path.read_text())["results"] == recorded[4]
 
 
 def test_uq_on_a_2x2x2_mesh_equals_one_device(tiny_hf_dir, tmp_path):
@@ -219,7 +267,7 @@ def test_uq_on_a_2x2x2_mesh_equals_one_device(tiny_hf_dir, tmp_path):
                   env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"})
         assert out.returncode == 0, out.stderr[-3000:]
         results[devices] = json.loads(out.stdout)["results"]
-    assert set(results[8]) == {"single", "ensemble", "ensemble_wd", "ensemble_kl", "mc_dropout"}
+    assert set(results[8]) == {"single", "ensemble", "ensemble_wd", "ensemble_kl", "mc_dropout", "laplace"}
     for method, row in results[1].items():
         assert results[8][method]["accuracy"] == row["accuracy"], method
         for key in ("ece", "nll", "brier", "ood_auroc", "ood_auroc_entropy"):

@@ -18,18 +18,20 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
 import safetensors.numpy
+from flax import nnx
 from jax.sharding import Mesh
 
 from jax_ensemble.config import Config
+from jax_ensemble.core.batch import Table
 from jax_ensemble.core.linearize import forward_flops, resolve_strategy
 from jax_ensemble.core.projection import Projector, make_projector
 from jax_ensemble.data import load_suite, tokenize_split
-from jax_ensemble.data.tables import eval_batch_count, eval_batches, table_of_splits
+from jax_ensemble.data.tables import eval_batch_count, eval_batches, num_rows, table_of_splits
 from jax_ensemble.errors import CheckpointError, DataError, NumericalError
 from jax_ensemble.kernels.backend import resolve_kernels
 from jax_ensemble.models.lora_gradients import batch_gradients, feature_metadata, lora_feature_split, lora_output_fn
@@ -105,6 +107,52 @@ def _shard_bytes(grads: np.ndarray, f0: np.ndarray, labels: np.ndarray, examples
     )
 
 
+def table_gradients(
+    table: Table,
+    num_classes: int,
+    *,
+    graphdef: nnx.GraphDef,
+    features: nnx.State,
+    fixed: nnx.State,
+    base_state: nnx.State,
+    projector: Projector,
+    config: Config,
+    mesh: Mesh,
+    strategies: dict[int, str],
+    on_batch: Callable[[], None] = lambda: None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(f0 (n,) or (n, K), G (n, d) or (n, K, d)) of every row of ``table`` (the output of
+    :func:`~jax_ensemble.models.lora_gradients.lora_output_fn`, K = ``num_classes``), batch by
+    batch on ``mesh`` with the config's gradient settings. ``strategies`` caches the
+    reverse/forward choice per sequence length across calls; ``on_batch`` after each batch."""
+    gc = config.gradients
+    output = lora_output_fn(graphdef)
+    split_batch = sum(mesh.shape[a] > 1 for a in BATCH_AXES) > 1  # examples over two mesh axes
+    n = num_rows(table)
+    out_shape = (n,) if num_classes == 2 else (n, num_classes)
+    grads = np.zeros(out_shape + (gc.dim,), np.float32)
+    f0 = np.zeros(out_shape, np.float32)
+    for batch, index in eval_batches(table, gc.batch_size):
+        t = batch["input_ids"].shape[1]
+        if t not in strategies:
+            strategies[t] = resolve_strategy(
+                gc.strategy,
+                projector=projector,
+                out_shape=jax.eval_shape(output, features, fixed, base_state, batch).shape,
+                flops_fn=lambda: forward_flops(output, features, fixed, base_state, batch),
+                direction_chunk=gc.direction_chunk,
+                memory_budget_bytes=gc.memory_budget_mb * 2**20,
+            )
+        bf0, bg = to_host(batch_gradients(features, fixed, base_state, put_batch(batch, mesh), graphdef=graphdef,
+                                          projector=projector, strategy=strategies[t],
+                                          direction_chunk=gc.direction_chunk, separate_outputs=split_batch))
+        real = index >= 0
+        f0[index[real]] = bf0[real]
+        grads[index[real]] = bg[real]
+        on_batch()
+    return f0, grads
+
+
 def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | None = None) -> Path:
     """Projected gradients G and base outputs f0 of every train and validation example of
     the suite, written as checksummed shards ``<task>/<split>-<i>.safetensors`` (+ ``.sha256``)
@@ -126,8 +174,6 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     # the base by the partition rules, the (small) LoRA features replicated or split by the same
     # rules, each batch's examples over (data, fsdp); G comes back gathered on the host
     base_state, features, fixed = (put_tree(t, mesh) for t in (base_state, features, fixed))
-    split_batch = sum(mesh.shape[a] > 1 for a in BATCH_AXES) > 1  # examples over two mesh axes
-    output = lora_output_fn(graphdef)
     max_length = config.tasks.max_length
     shard_rows = -(-gc.shard_examples // gc.batch_size) * gc.batch_size
 
@@ -156,28 +202,9 @@ def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | N
     for p in todo:
         task, split, _, i, rows = p
         sub = sub_splits[id(p)]
-        k = task.num_classes
-        out_shape = (len(rows),) if k == 2 else (len(rows), k)
-        grads = np.zeros(out_shape + (gc.dim,), np.float32)
-        f0 = np.zeros(out_shape, np.float32)
-        for batch, index in eval_batches(tables[id(p)], gc.batch_size):
-            t = batch["input_ids"].shape[1]
-            if t not in strategies:
-                strategies[t] = resolve_strategy(
-                    gc.strategy,
-                    projector=projector,
-                    out_shape=jax.eval_shape(output, features, fixed, base_state, batch).shape,
-                    flops_fn=lambda: forward_flops(output, features, fixed, base_state, batch),
-                    direction_chunk=gc.direction_chunk,
-                    memory_budget_bytes=gc.memory_budget_mb * 2**20,
-                )
-            bf0, bg = to_host(batch_gradients(features, fixed, base_state, put_batch(batch, mesh), graphdef=graphdef,
-                                              projector=projector, strategy=strategies[t],
-                                              direction_chunk=gc.direction_chunk, separate_outputs=split_batch))
-            real = index >= 0
-            f0[index[real]] = bf0[real]
-            grads[index[real]] = bg[real]
-            bar.update(1)
+        f0, grads = table_gradients(tables[id(p)], task.num_classes, graphdef=graphdef, features=features, fixed=fixed,
+                                    base_state=base_state, projector=projector, config=config, mesh=mesh,
+                                    strategies=strategies, on_batch=lambda: bar.update(1))
         _check_finite(grads, f0, task.name, split, rows)
         data = _shard_bytes(grads, f0, sub.labels.astype(np.int32), rows)
         write_verified(shard_path(task.name, split, i), data)

@@ -12,7 +12,9 @@ space, so an OOD score compares like with like):
 - ``ensemble_wd`` / ``ensemble_kl`` (when configured): the same ensemble with weight
   decay on A, B / with a KL penalty toward the base model's label-word distribution;
 - ``mc_dropout``: one adapter trained with LoRA dropout, predicting with the mean of M
-  dropout samples.
+  dropout samples;
+- ``laplace``: no fine-tune at all: the linearized Laplace posterior of the projected-
+  gradient regression at the single adapter's initialisation (:func:`laplace_logits`).
 
 Over several seeds (``run_uq(config, seeds)``; each seed is the whole experiment again:
 LoRA initialisations, data order and dropout keys, on the same splits) every seed writes
@@ -37,22 +39,26 @@ import numpy as np
 from flax import nnx
 
 from jax_ensemble.config import Config, config_hash, config_to_dict
+from jax_ensemble.core import laplace
 from jax_ensemble.core.batch import MODEL_KEYS
 from jax_ensemble.core.statistics import mean_std, paired_difference
 from jax_ensemble.core.trees import unstack_tree
 from jax_ensemble.core.uncertainty import calibration_report, ood_auroc, predictive, reliability_bins
 from jax_ensemble.data import load_task, tokenize_split
-from jax_ensemble.data.tables import table_of_splits
+from jax_ensemble.data.tables import eval_batch_count, table_of_splits
 from jax_ensemble.errors import ConfigError
 from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import init_member_adapters, merge_lora
+from jax_ensemble.models.lora_gradients import lora_feature_split
 from jax_ensemble.stages.ensemble import on_mesh, stacked_table_logits, table_outputs
+from jax_ensemble.stages.gradients import stage_projector, table_gradients
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 from jax_ensemble.training.engine import train
 from jax_ensemble.training.losses import classification_objective, kl_regularized_objective, with_base_logits
 from jax_ensemble.training.mesh import check_rows_fit, make_mesh, put_tree
+from jax_ensemble.training.progress import Progress
 
 log = logging.getLogger(__name__)
 
@@ -162,14 +168,20 @@ def run_uq(config: Config, seeds: Sequence[int] | None = None, *, progress: bool
     for seed in seeds:
         seed_config = dataclasses.replace(config, seed=seed)
         recorded = out_dir / f"seed-{seed}" / "results.json"
-        if recorded.is_file() and (done := json.loads(recorded.read_text()))["config_hash"] == config_hash(seed_config):
+        restored = recorded.is_file() and (done := json.loads(recorded.read_text()))["config_hash"] == config_hash(
+            seed_config)
+        if restored and "laplace" in done["results"]:
             log.info("uq: seed %d restored from %s", seed, recorded)
             per_seed[seed] = done
             continue
         if loaded is None:
             loaded = load_pretrained(config.model.source, base_dtype=config.model.base_dtype,
                                      compute_dtype=config.model.compute_dtype, kernels=config.model.kernels)
-        per_seed[seed] = run_uq_seed(seed_config, *loaded, progress=progress)
+        if restored:  # recorded before the laplace method: add it, without retraining the others
+            log.info("uq: seed %d restored from %s; adding laplace", seed, recorded)
+            per_seed[seed] = add_laplace(seed_config, done, *loaded, progress=progress)
+        else:
+            per_seed[seed] = run_uq_seed(seed_config, *loaded, progress=progress)
     statistics = seed_statistics({s: per_seed[s]["results"] for s in seeds})
     first = per_seed[seeds[0]]
     summary = {
@@ -187,29 +199,111 @@ def run_uq(config: Config, seeds: Sequence[int] | None = None, *, progress: bool
     return summary
 
 
-def run_uq_seed(config: Config, model: nnx.Module, tokenizer: Any, *, progress: bool = True) -> dict[str, Any]:
-    """Train and evaluate every method of the module doc for ``config.seed``; write
-    ``uq/seed-<seed>/`` and return that seed's JSON-able summary."""
-    uq, training = config.uq, config.training
+@dataclasses.dataclass(frozen=True)
+class SeedSetup:
+    """What every method of one seed shares: the M members' initial adapters (stacked) on
+    ``graphdef``, the base on ``mesh``, the training table, and the in- and out-of-
+    distribution test tables (``tables``, K = the in-distribution label words) with the
+    in-distribution labels."""
+
+    graphdef: nnx.GraphDef
+    initial: Any
+    base: nnx.State
+    mesh: Any
+    train_table: Any
+    tables: tuple[Any, Any]
+    id_labels: np.ndarray
+    ood_examples: int
+    seeds: list[int]
+
+
+def seed_setup(config: Config, model: nnx.Module, tokenizer: Any) -> SeedSetup:
+    """Tokenized tables, initial members and the mesh of ``config.seed`` (the module doc's setup)."""
+    uq = config.uq
     tokenize = lambda ref, split: tokenize_split(load_task(ref, config.tasks), split, tokenizer, config.tasks.max_length)
     train_table = table_of_splits([tokenize(t, "train") for t in uq.in_distribution], pad_id=tokenizer.pad_id,
-                           max_length=config.tasks.max_length)
+                                  max_length=config.tasks.max_length)
     id_test = [tokenize(t, "test") for t in uq.in_distribution]
     # OOD inputs keep their own prompts but are answered in the fine-tuned model's answer
     # space: the first in-distribution task's label words.
     ood_test = [dataclasses.replace(tokenize(t, "test"), label_token_ids=id_test[0].label_token_ids)
                 for t in uq.out_of_distribution]
-    id_labels = np.concatenate([s.labels for s in id_test])
     seeds = [config.seed + m for m in range(uq.members)]
     graphdef, initial, base = init_member_adapters(model, config.lora, seeds)
-
     mesh = make_mesh(config.mesh)  # training and inference: base by the partition rules, rows over (data, fsdp)
-    bs = config.tasks.batch_size
-    check_rows_fit(bs, mesh, "tasks.batch_size")
+    check_rows_fit(config.tasks.batch_size, mesh, "tasks.batch_size")
     base, _ = on_mesh(mesh, base)
     width = max(len(s.label_token_ids) for s in id_test)
-    tables = [table_of_splits(splits, pad_id=tokenizer.pad_id, max_length=config.tasks.max_length, num_choices=width)
-              for splits in (id_test, ood_test)]
+    tables = tuple(table_of_splits(splits, pad_id=tokenizer.pad_id, max_length=config.tasks.max_length,
+                                   num_choices=width) for splits in (id_test, ood_test))
+    return SeedSetup(graphdef, initial, base, mesh, train_table, tables, np.concatenate([s.labels for s in id_test]),
+                     int(sum(len(s.labels) for s in ood_test)), seeds)
+
+
+def laplace_logits(config: Config, setup: SeedSetup, *, progress: bool = True) -> tuple[np.ndarray, ...] | None:
+    """The linearized Laplace (:mod:`jax_ensemble.core.laplace`) at the single adapter's
+    initialisation θ0 (member 0, B = 0): the training rows' projected label-logit gradients
+    (the gradient stage's projector and features) fit ŵ and H with λ = ``affinity.l2``; each
+    test table gets (1, N, K) log predictive probabilities by the probit approximation
+    (their softmax is the predictive). None when the in-distribution tasks differ in K."""
+    k = setup.tables[0]["label_token_ids"].shape[1]
+    if (setup.train_table["label_token_ids"] < 0).any() or (setup.tables[0]["label_token_ids"] < 0).any():
+        log.info("uq: laplace skipped: the in-distribution tasks have different numbers of label words")
+        return None
+    lora0 = unstack_tree(setup.initial)[0]
+    features, fixed, _ = lora_feature_split(lora0)
+    projector = stage_projector(config, features, setup.mesh)
+    features, fixed = put_tree(features, setup.mesh), put_tree(fixed, setup.mesh)
+    tables = (setup.train_table, *setup.tables)
+    bar = Progress(sum(eval_batch_count(t, config.gradients.batch_size) for t in tables), "laplace gradients",
+                   "batch", enabled=progress)
+    strategies: dict[int, str] = {}
+
+    def relative_logits(table: Any) -> tuple[jax.Array, jax.Array]:
+        """(f0 (N, K), G (N, K, d)): label-word logits minus class 0's and their gradients."""
+        if k == 2:  # the output is the log-odds of the row's label: ask for class 1's, z1 - z0
+            table = {**table, "label": np.ones_like(table["label"])}
+        f0, g = table_gradients(table, k, graphdef=setup.graphdef, features=features, fixed=fixed,
+                                base_state=setup.base, projector=projector, config=config, mesh=setup.mesh,
+                                strategies=strategies, on_batch=lambda: bar.update(1))
+        if k == 2:
+            f0, g = np.stack([np.zeros_like(f0), f0], axis=1), np.stack([np.zeros_like(g), g], axis=1)
+        return jnp.asarray(f0), jnp.asarray(g)
+
+    f0, g = relative_logits(setup.train_table)
+    posterior = laplace.fit_laplace(g, f0, jnp.asarray(setup.train_table["label"]), config.affinity.l2)
+    out = []
+    for table in setup.tables:
+        f0, g = relative_logits(table)
+        out.append(np.asarray(laplace.probit_log_probs(*laplace.logit_moments(posterior, g, f0)))[None])
+    bar.close()
+    return tuple(out)
+
+
+def add_laplace(config: Config, done: dict[str, Any], model: nnx.Module, tokenizer: Any, *,
+                progress: bool = True) -> dict[str, Any]:
+    """``done`` (a seed's recorded summary) with the ``laplace`` method's metrics added and
+    its results.json and table.md rewritten (its reliability.png keeps the other methods)."""
+    setup = seed_setup(config, model, tokenizer)
+    outputs = laplace_logits(config, setup, progress=progress)
+    if outputs is None:
+        return done
+    metrics = method_metrics(outputs[0], setup.id_labels, outputs[1], config.uq.num_bins)
+    done = {**done, "results": {**done["results"], "laplace": metrics}}
+    out_dir = config.resolved_run_dir() / "uq" / f"seed-{config.seed}"
+    atomic_write_bytes(out_dir / "table.md", markdown_table(done["results"]).encode())
+    atomic_write_json(out_dir / "results.json", done)
+    return done
+
+
+def run_uq_seed(config: Config, model: nnx.Module, tokenizer: Any, *, progress: bool = True) -> dict[str, Any]:
+    """Train and evaluate every method of the module doc for ``config.seed``; write
+    ``uq/seed-<seed>/`` and return that seed's JSON-able summary."""
+    uq, training = config.uq, config.training
+    setup = seed_setup(config, model, tokenizer)
+    graphdef, initial, base, mesh, seeds = setup.graphdef, setup.initial, setup.base, setup.mesh, setup.seeds
+    train_table, tables, id_labels = setup.train_table, setup.tables, setup.id_labels
+    bs = config.tasks.batch_size
 
     def evaluate(graphdef, loras: Any, keys: jax.Array | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(S, N, K) in- and out-of-distribution logits: the M stacked members (S = M), or with
@@ -250,6 +344,8 @@ def run_uq_seed(config: Config, model: nnx.Module, tokenizer: Any, *, progress: 
     mc = members(classification_objective(graphdef_mc), initial_mc, training, train_table, seeds[:1], "mc_dropout",
                  dropout=True)
     outputs["mc_dropout"] = evaluate(graphdef_mc, mc, jax.random.split(jax.random.key(config.seed + 10_000), uq.members))
+    if (linearized := laplace_logits(config, setup, progress=progress)) is not None:
+        outputs["laplace"] = linearized
 
     results = {name: method_metrics(i, id_labels, o, uq.num_bins) for name, (i, o) in outputs.items()}
     out_dir = config.resolved_run_dir() / "uq" / f"seed-{config.seed}"
@@ -261,8 +357,7 @@ def run_uq_seed(config: Config, model: nnx.Module, tokenizer: Any, *, progress: 
         "members": uq.members,
         "in_distribution": list(uq.in_distribution),
         "out_of_distribution": list(uq.out_of_distribution),
-        "test_examples": {"in_distribution": int(len(id_labels)),
-                          "out_of_distribution": int(sum(len(s.labels) for s in ood_test))},
+        "test_examples": {"in_distribution": int(len(id_labels)), "out_of_distribution": setup.ood_examples},
         "num_bins": uq.num_bins,
         "training_rows": int(len(train_table["label"])),
         "seed": config.seed,
