@@ -41,6 +41,16 @@ def test_subsets_at_scale_draw_only_uncovered_pairs():
     assert together[np.triu_indices(1000, 1)].max() == 1  # no pair twice while most are uncovered
 
 
+def test_subsets_containing_a_task_cover_its_pairs_first():
+    held = affinity.sample_subsets(11, 4, fraction=0.3, seed=0, containing=10)  # k = 4: 3 partners each
+    assert held[:, 10].all() and (held.sum(axis=1) == 4).all()
+    assert held[:, :10].any(axis=0).sum() == 10  # 10 partners in ⌈10/3⌉ = 4 subsets: every pair (10, j)
+    every = affinity.sample_subsets(11, math.comb(10, 3), fraction=0.3, seed=1, containing=10)
+    assert len({tuple(np.flatnonzero(row)) for row in every}) == math.comb(10, 3) and every[:, 10].all()
+    with pytest.raises(ConfigError, match=r"\[1, 120\] .* holding task 10"):
+        affinity.sample_subsets(11, 121, fraction=0.3, containing=10)
+
+
 def test_solve_chunk_size_bounds_the_working_set():
     per_subset = 4 * (400 * 400 + 2 * 100 * 400)  # Newton, d = 400, 100 rows, binary
     chunk = affinity.solve_chunk_size("newton", 10_000, 100, 1, 400)

@@ -35,9 +35,11 @@ def subset_size(num_tasks: int, fraction: float) -> int:
     return min(num_tasks, max(2, math.ceil(fraction * num_tasks - 1e-9)))
 
 
-def sample_subsets(num_tasks: int, num_subsets: int, *, fraction: float = 0.3, seed: int = 0) -> np.ndarray:
+def sample_subsets(num_tasks: int, num_subsets: int, *, fraction: float = 0.3, seed: int = 0,
+                   containing: int | None = None) -> np.ndarray:
     """(num_subsets, num_tasks) bool membership matrix of distinct subsets of size
-    :func:`subset_size`, deterministic for ``seed``.
+    :func:`subset_size`, deterministic for ``seed``; with ``containing`` = t, every subset
+    holds task t and only the pairs (t, j) count for coverage (a task added to a run).
 
     Pair coverage: while some pair of tasks has not yet appeared together, a new subset
     starts from a uniformly drawn uncovered pair and grows greedily, each added task
@@ -50,14 +52,19 @@ def sample_subsets(num_tasks: int, num_subsets: int, *, fraction: float = 0.3, s
     if num_tasks < 2:
         raise DataError(f"task affinity needs at least 2 tasks, got {num_tasks}")
     k = subset_size(num_tasks, fraction)
-    if num_subsets < 1 or num_subsets > math.comb(num_tasks, k):
+    distinct = math.comb(num_tasks, k) if containing is None else math.comb(num_tasks - 1, k - 1)
+    if num_subsets < 1 or num_subsets > distinct:
         raise ConfigError(
-            f"affinity.num_subsets must be in [1, {math.comb(num_tasks, k)}] (distinct subsets of {k} of "
-            f"{num_tasks} tasks), got {num_subsets}"
+            f"affinity.num_subsets must be in [1, {distinct}] (distinct subsets of {k} of {num_tasks} tasks"
+            f"{'' if containing is None else f' holding task {containing}'}), got {num_subsets}"
         )
     rng = np.random.default_rng(seed)
     covered = np.eye(num_tasks, dtype=bool)
-    row_uncovered = np.arange(num_tasks - 1, -1, -1)  # per task i: uncovered pairs (i, j > i)
+    if containing is not None:  # only the pairs of task ``containing`` are to cover
+        covered = ~covered
+        covered[containing, :] = covered[:, containing] = False
+        covered[containing, containing] = True
+    row_uncovered = np.triu(~covered, 1).sum(axis=1)  # per task i: uncovered pairs (i, j > i)
     seen: set[tuple[int, ...]] = set()
     subsets = np.zeros((num_subsets, num_tasks), dtype=bool)
     for s in range(num_subsets):
@@ -71,8 +78,11 @@ def sample_subsets(num_tasks: int, num_subsets: int, *, fraction: float = 0.3, s
                     score[members] = -1
                     members.append(int(rng.choice(np.flatnonzero(score == score.max()))))
                     gain += ~covered[:, members[-1]]
-            else:
+            elif containing is None:
                 members = list(rng.choice(num_tasks, size=k, replace=False))
+            else:
+                others = np.delete(np.arange(num_tasks), containing)
+                members = [containing, *rng.choice(others, size=k - 1, replace=False)]
             key = tuple(sorted(int(m) for m in members))
             if key not in seen:
                 break

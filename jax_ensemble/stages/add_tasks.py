@@ -1,0 +1,167 @@
+"""Tasks that arrive after a run: their affinity to the run's tasks and the group each joins,
+without recomputing the old tasks (:func:`place_tasks`).
+
+A finished run's gradient and affinity stages hold G, f0 and the subset estimates of its n
+tasks. For the new tasks only:
+
+1. their projected gradients, train and validation rows, at the run's θ0 (its warm start
+   restored from the checkpoint) with the run's P (regenerated from the config);
+2. for each new task t, as many subsets as an old task is in on average (⌈S·k/n⌉), of the
+   run's size k, each holding t, the pairs (t, j) covered first
+   (:func:`jax_ensemble.core.affinity.sample_subsets` with ``containing``); all of them solved
+   in one batched program over the old and new rows;
+3. the affinity over the union of the old and new subsets
+   (:func:`jax_ensemble.core.affinity.affinity_matrix`): what a from-scratch affinity stage
+   with these subsets computes (the old tasks' entries move a little: each task's scores
+   are standardised over every subset that holds it);
+4. each new task joins the run's group with the largest mean affinity to it, or a group of
+   its own when that mean is below ``open_below`` (0: the new task does no better beside
+   that group than beside an average partner).
+
+``place_tasks`` writes ``<run_dir>/added/<digest of the new tasks and settings>/placement.json``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from jax_ensemble.config import Config
+from jax_ensemble.core import affinity
+from jax_ensemble.data import load_suite, load_task, tokenize_split
+from jax_ensemble.data.tables import eval_batch_count, table_of_splits
+from jax_ensemble.data.task import Task
+from jax_ensemble.errors import DataError
+from jax_ensemble.models.lora_gradients import lora_feature_split
+from jax_ensemble.stages.gradients import GRADIENT_SPLITS, SplitGradients, load_gradients, stage_projector, table_gradients
+from jax_ensemble.stages.grouping import estimate_stacked, grouping_stage, load_affinity, load_estimates, stack_tasks
+from jax_ensemble.stages.model import RunModel, load_run_model
+from jax_ensemble.storage.atomic import atomic_write_json
+from jax_ensemble.storage.digests import stage_dir
+from jax_ensemble.storage.processes import on_writer
+from jax_ensemble.training.mesh import make_mesh, put_tree
+from jax_ensemble.training.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+def new_task_gradients(config: Config, tasks: Sequence[Task], model: RunModel, *,
+                       progress: bool = True) -> dict[str, dict[str, SplitGradients]]:
+    """``{task: {split: SplitGradients}}`` of ``tasks``' train and validation rows at the run's
+    θ0 (``model.lora0``) with the run's projector: what the gradient stage would store for them."""
+    mesh = make_mesh(config.mesh)
+    features, fixed, _ = lora_feature_split(model.lora0)
+    projector = stage_projector(config, features, mesh)
+    base, features, fixed = (put_tree(t, mesh) for t in (model.base, features, fixed))
+    max_length = config.tasks.max_length
+    splits = {(task.name, split): tokenize_split(task, split, model.tokenizer, max_length)
+              for task in tasks for split in GRADIENT_SPLITS}
+    tables = {key: table_of_splits([s], pad_id=model.tokenizer.pad_id, max_length=max_length)
+              for key, s in splits.items()}
+    bar = Progress(sum(eval_batch_count(t, config.gradients.batch_size) for t in tables.values()),
+                   "new tasks' gradients", "batch", enabled=progress)
+    strategies: dict[int, str] = {}
+    out: dict[str, dict[str, SplitGradients]] = {task.name: {} for task in tasks}
+    for task in tasks:
+        for split in GRADIENT_SPLITS:
+            f0, grads = table_gradients(tables[task.name, split], task.num_classes, graphdef=model.graphdef,
+                                        features=features, fixed=fixed, base_state=base, projector=projector,
+                                        config=config, mesh=mesh, strategies=strategies, on_batch=lambda: bar.update(1))
+            out[task.name][split] = SplitGradients(grads, f0, splits[task.name, split].labels.astype(np.int32))
+    bar.close()
+    return out
+
+
+def added_subsets(num_old: int, num_new: int, old_subsets: np.ndarray, seed: int) -> np.ndarray:
+    """(S', n + n_new) bool: for each new task (index n + i) ⌈S·k/n⌉ subsets of the old subsets'
+    size k holding it (``seed + 1 + i``), pairs with it covered first."""
+    k = int(old_subsets[0].sum())
+    per_task = math.ceil(len(old_subsets) * k / num_old)
+    total = num_old + num_new
+    return np.concatenate([
+        affinity.sample_subsets(total, min(per_task, math.comb(total - 1, k - 1)), fraction=k / total,
+                                seed=seed + 1 + i, containing=num_old + i)
+        for i in range(num_new)
+    ])
+
+
+def union_affinity(old_scores: np.ndarray, old_subsets: np.ndarray, new_scores: np.ndarray,
+                   new_subsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(T (n', n'), subsets (S + S', n')) over the old subsets (scores (S, n), widened with
+    zero columns for tasks they do not hold, which the affinity ignores) and the new ones
+    (scores (S', n'))."""
+    width = new_subsets.shape[1]
+    pad = ((0, 0), (0, width - old_subsets.shape[1]))
+    subsets = np.concatenate([np.pad(old_subsets, pad), new_subsets])
+    scores = np.concatenate([np.pad(old_scores, pad), new_scores])
+    return affinity.affinity_matrix(scores, subsets), subsets
+
+
+def place_tasks(config: Config, refs: Sequence[str], *, open_below: float = 0.0, progress: bool = True,
+                model: RunModel | None = None) -> dict[str, Any]:
+    """Place the tasks ``refs`` (built-in names or spec paths) into the finished run of
+    ``config`` (the module doc); returns and writes the placement: per new task its affinity
+    to every old task, its mean affinity to each group, and the group it joins."""
+    started = time.perf_counter()
+    old_names = [t.name for t in load_suite(config.tasks)]
+    tasks = [load_task(ref, config.tasks) for ref in refs]
+    names = [t.name for t in tasks]
+    if clash := sorted(set(names) & set(old_names)) or sorted({n for n in names if names.count(n) > 1}):
+        raise DataError(f"task {clash[0]!r} is already in the run (or given twice): add tasks with new names")
+    model = model or load_run_model(config, sanity_check=False)
+    grouping = grouping_stage(config, progress=progress, model=model)
+    seconds = {"run_stages": time.perf_counter() - started}
+
+    start = time.perf_counter()
+    run_gradients = load_gradients(load_affinity(grouping["affinity_dir"])["gradients"])
+    gradients = {**run_gradients, **new_task_gradients(config, tasks, model, progress=progress)}
+    seconds["gradients"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    ac = config.affinity
+    old = load_estimates(grouping["affinity_dir"])
+    new_subsets = added_subsets(len(old_names), len(names), old["subsets"], ac.seed)
+    data = stack_tasks(gradients)
+    est = estimate_stacked(data, new_subsets, config, l2=ac.l2)
+    score = (lambda e: -e["loss"]) if ac.metric == "loss" else (lambda e: e["accuracy"])
+    matrix, subsets = union_affinity(score(old), old["subsets"], score({"loss": est.loss, "accuracy": est.accuracy}),
+                                     new_subsets)
+    seconds["estimates"] = time.perf_counter() - start
+
+    index = {name: i for i, name in enumerate(data.names)}
+    groups = [list(g) for g in grouping["groups"]]
+    placement = {}
+    for name in names:
+        row = matrix[index[name]]
+        means = [float(np.mean([row[index[t]] for t in group])) for group in groups]
+        best = int(np.argmax(means))
+        placement[name] = {
+            "affinity": {t: float(row[index[t]]) for t in old_names},
+            "group_affinity": means,
+            "group": best if means[best] >= open_below else None,
+        }
+    result = {
+        "tasks": names,
+        "run_tasks": old_names,
+        "groups": groups,
+        "placement": placement,
+        "open_below": open_below,
+        "new_subsets": [[data.names[t] for t in np.flatnonzero(s)] for s in new_subsets],
+        "subsets": int(len(subsets)),
+        "affinity": matrix.tolist(),
+        "affinity_tasks": list(data.names),
+        "all_converged": bool(np.all(est.solution.converged)),
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+    }
+    out_dir = stage_dir(config.resolved_run_dir(), "added", {"tasks": list(refs), "affinity": grouping["affinity_dir"],
+                                                              "open_below": open_below})
+    on_writer(lambda: atomic_write_json(out_dir / "placement.json", result))
+    for name in names:
+        where = placement[name]["group"]
+        log.info("%s joins %s (mean affinity %s)", name, "a group of its own" if where is None else f"group {where}",
+                 ", ".join(f"{m:+.3f}" for m in placement[name]["group_affinity"]))
+    return {**result, "directory": str(out_dir)}
