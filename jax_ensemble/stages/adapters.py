@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 from jax_ensemble.config import Config, config_identity
 from jax_ensemble.data import load_suite, tokenize_split
@@ -76,10 +77,13 @@ def wall_seconds_of(history: Sequence[dict[str, Any]]) -> float | None:
 
 
 def adapters_for_plan(config: Config, plan: dict[str, list[int]], graphdef, lora0, base, tables: dict[str, Table],
-                         names: Sequence[str]) -> dict[str, dict[str, Any]]:
+                      names: Sequence[str], *, starts: Mapping[str, tuple[str, Any]] | None = None,
+                      adapters_dir: Path | None = None) -> dict[str, dict[str, Any]]:
     """Train one adapter per entry of ``plan`` (name → task indices into ``names``) on the
     rows of ``tables["train"]`` (early stopping on ``tables["validation"]``; the length of each
-    follows ``training.budget`` over all of ``tables["train"]``'s rows); returns
+    follows ``training.budget`` over all of ``tables["train"]``'s rows), from ``lora0`` or,
+    for a name in ``starts``, from the adapter given there as (its name, its LoRA state),
+    checkpointed under ``adapters_dir`` (default ``<run_dir>/adapters``); returns
     name → {lora (host arrays), steps, rows, seconds (training wall time, None if unknown), tasks,
     validation_logits: its logits on the validation rows of its tasks (table order), from
     training's last evaluation of it, or None when restored without evaluating}."""
@@ -90,11 +94,13 @@ def adapters_for_plan(config: Config, plan: dict[str, list[int]], graphdef, lora
         train_rows, validation = rows_of(tables["train"], task_ids), rows_of(tables["validation"], task_ids)
         log.info("adapter %d/%d %r: %s (%d rows)", i + 1, len(plan), name, ", ".join(names[t] for t in task_ids),
                  len(train_rows["label"]))
+        start_name, start = (starts or {}).get(name, (None, lora0))
+        fingerprint = adapter_fingerprint(config, [names[t] for t in task_ids])
         result = train(
-            classification_objective(graphdef), lora0, base, train_rows, training, mesh, seeds=[config.seed],
+            classification_objective(graphdef), start, base, train_rows, training, mesh, seeds=[config.seed],
             validation=validation, dropout=config.lora.dropout > 0,
-            run_dir=config.resolved_run_dir() / "adapters" / name,
-            fingerprint=adapter_fingerprint(config, [names[t] for t in task_ids]), desc=name,
+            run_dir=(adapters_dir or config.resolved_run_dir() / "adapters") / name,
+            fingerprint=fingerprint if start_name is None else {**fingerprint, "start": start_name}, desc=name,
         )
         seconds = wall_seconds_of(result.history)
         out[name] = {"lora": to_host(result.lora), "steps": result.step, "rows": int(len(train_rows["label"])),

@@ -23,24 +23,35 @@ tasks. For the new tasks only:
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+import yaml
 
-from jax_ensemble.config import Config
+from jax_ensemble.config import Config, config_from_dict
 from jax_ensemble.core import affinity
+from jax_ensemble.core import ensemble as ensemble_maths
+from jax_ensemble.core.trees import stack_trees, zeros_like_member
 from jax_ensemble.data import load_suite, load_task, tokenize_split
-from jax_ensemble.data.tables import eval_batch_count, table_of_splits
+from jax_ensemble.data.hub import HUB_TASKS
+from jax_ensemble.data.offline import OFFLINE_TASKS
+from jax_ensemble.data.suites import suite_task_refs
+from jax_ensemble.data.tables import eval_batch_count, rows_of, table_of_splits
 from jax_ensemble.data.task import Task
-from jax_ensemble.errors import DataError
+from jax_ensemble.errors import CheckpointError, DataError
 from jax_ensemble.models.lora_gradients import lora_feature_split
+from jax_ensemble.stages.adapters import adapters_for_plan, suite_tables
+from jax_ensemble.stages.ensemble import ensemble_table_logits, on_mesh, stacked_table_logits
 from jax_ensemble.stages.gradients import GRADIENT_SPLITS, SplitGradients, load_gradients, stage_projector, table_gradients
 from jax_ensemble.stages.grouping import estimate_stacked, grouping_stage, load_affinity, load_estimates, stack_tasks
 from jax_ensemble.stages.model import RunModel, load_run_model
-from jax_ensemble.storage.atomic import atomic_write_json
+from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 from jax_ensemble.storage.digests import stage_dir
 from jax_ensemble.storage.processes import on_writer
 from jax_ensemble.training.mesh import make_mesh, put_tree
@@ -165,3 +176,114 @@ def place_tasks(config: Config, refs: Sequence[str], *, open_below: float = 0.0,
         log.info("%s joins %s (mean affinity %s)", name, "a group of its own" if where is None else f"group {where}",
                  ", ".join(f"{m:+.3f}" for m in placement[name]["group_affinity"]))
     return {**result, "directory": str(out_dir)}
+
+
+def run_record(run_dir: Path) -> tuple[Config, dict[str, Any]]:
+    """(the config, metrics.json) a finished ``jax-ensemble run`` recorded in ``run_dir``."""
+    paths = [run_dir / "config.json", run_dir / "metrics.json"]  # metrics.json is written last
+    if not all(path.is_file() for path in paths):
+        raise CheckpointError(f"{run_dir} holds no finished run (config.json and metrics.json): run "
+                              "`jax-ensemble run` there first")
+    saved, metrics = (json.loads(path.read_text()) for path in paths)
+    return config_from_dict({**saved["config"], "run_dir": str(run_dir)}), metrics
+
+
+def extended_suite(config: Config, refs: Sequence[str], directory: Path) -> Config:
+    """``config`` whose suite is the run's tasks then ``refs`` (a suite file written to ``directory``)."""
+    resolved = [r if r in OFFLINE_TASKS or r in HUB_TASKS else str(Path(r).expanduser().resolve()) for r in refs]
+    path = directory / "suite.yaml"
+    atomic_write_bytes(path, yaml.safe_dump({"tasks": [*suite_task_refs(config.tasks.suite), *resolved]}).encode())
+    return dataclasses.replace(config, tasks=dataclasses.replace(config.tasks, suite=str(path)))
+
+
+def add_tasks(run_dir: str | Path, refs: Sequence[str], *, open_below: float = 0.0,
+              progress: bool = True) -> dict[str, Any]:
+    """Add the tasks ``refs`` to the finished run in ``run_dir``: :func:`place_tasks`, then
+    retrain only the groups that change (each from its own adapter on its old and new
+    tasks; a new task's own group from θ0), refit the convex ensemble weights of the tasks
+    those groups serve and of the new tasks, and score those tasks on their test rows (the
+    other tasks keep the run's members, weights, boosting and accuracy unchanged). Writes
+    ``metrics.json`` beside the placement and returns it."""
+    started = time.perf_counter()
+    run_dir = Path(run_dir)
+    config, run_metrics = run_record(run_dir)
+    model = load_run_model(config, sanity_check=False)
+    placed = place_tasks(config, refs, open_below=open_below, progress=progress, model=model)
+    out_dir = Path(placed["directory"])
+    extended = extended_suite(config, refs, out_dir)
+    names, old_names = placed["affinity_tasks"], placed["run_tasks"]
+    index = {name: i for i, name in enumerate(names)}
+    groups = [[index[t] for t in group] for group in placed["groups"]]
+    changed: set[int] = set()
+    for name in placed["tasks"]:
+        group = placed["placement"][name]["group"]
+        if group is None:
+            groups.append([index[name]])
+            group = len(groups) - 1
+        else:
+            groups[group].append(index[name])
+        changed.add(group)
+
+    old_tables = suite_tables(config, model.tokenizer, old_names)
+    run_groups = {f"group-{g}": ids for g, ids in enumerate(groups[: len(placed["groups"])])}
+    restored = adapters_for_plan(config, {n: [t for t in ids if t < len(old_names)] for n, ids in run_groups.items()},
+                                 model.graphdef, model.lora0, model.base, old_tables, old_names)
+    tables = suite_tables(extended, model.tokenizer, names)
+    plan = {f"group-{g}": groups[g] for g in sorted(changed)}
+    starts = {n: (n, restored[n]["lora"]) for n in plan if n in restored}
+    start = time.perf_counter()
+    retrained = adapters_for_plan(extended, plan, model.graphdef, model.lora0, model.base, tables, names,
+                                  starts=starts, adapters_dir=out_dir / "adapters")
+    training_seconds = time.perf_counter() - start
+
+    members = [retrained.get(f"group-{g}", restored.get(f"group-{g}")) for g in range(len(groups))]
+    old_alpha = np.asarray(run_metrics["ensemble_weights"])  # (n, M) of the run's groups
+    alpha = np.zeros((len(names), len(groups)))
+    alpha[: len(old_names), : old_alpha.shape[1]] = old_alpha
+    affected = sorted({index[n] for n in placed["tasks"]}
+                      | set(np.flatnonzero(alpha[:, sorted(changed)].sum(axis=1) > 0).tolist()))
+    mesh = make_mesh(config.mesh)
+    base, _ = on_mesh(mesh, model.base)
+    bs = config.tasks.batch_size
+    stacked = stack_trees([m["lora"] for m in members])
+    validation = rows_of(tables["validation"], affected)
+    logits = stacked_table_logits(model.graphdef, stacked, base, validation, bs, mesh=mesh,
+                                  progress="validation logits (affected tasks)" if progress else None)
+    local = np.searchsorted(affected, validation["task_index"])
+    refit = ensemble_maths.fit_ensemble_weights(logits, validation["label"], validation["weight"], local, len(affected),
+                                                per_task=config.ensemble.per_task_weights,
+                                                solver=config.ensemble.weights_solver)
+    alpha[affected] = ensemble_maths.prune_weights(refit, config.ensemble.prune_below)
+
+    test = rows_of(tables["test"], affected)
+    ensemble = ensemble_maths.make_ensemble(stacked, alpha)
+    scored = ensemble_table_logits(model.graphdef, ensemble, base, test, bs, mesh=mesh,
+                                   progress="test: affected tasks" if progress else None)
+    new_rows = rows_of(tables["test"], [index[n] for n in placed["tasks"]])
+    zero_shot = stack_trees([zeros_like_member(stack_trees([model.lora0]))])  # B = 0 and A = 0: the base model
+    zero = stacked_table_logits(model.graphdef, zero_shot, base, new_rows, bs, mesh=mesh)[0]
+    hits = np.argmax(scored, axis=-1) == test["label"]
+    accuracy = {n: float(run_metrics["per_task_accuracy"]["ensemble"][n]) for n in old_names}
+    accuracy.update({names[t]: float(hits[test["task_index"] == t].mean()) for t in affected})
+    zero_hits = np.argmax(zero, axis=-1) == new_rows["label"]
+    metrics = {
+        "run_dir": str(run_dir),
+        "tasks": names,
+        "added": placed["tasks"],
+        "groups": [[names[t] for t in g] for g in groups],
+        "retrained": sorted(plan),
+        "affected_tasks": [names[t] for t in affected],
+        "placement": placed["placement"],
+        "ensemble_weights": alpha.tolist(),
+        "per_task_accuracy": {"ensemble": accuracy,
+                              "zero_shot": {n: float(zero_hits[new_rows["task_index"] == index[n]].mean())
+                                            for n in placed["tasks"]}},
+        "run_average_accuracy": run_metrics["average_accuracy"]["ensemble"],
+        "average_accuracy": float(np.mean(list(accuracy.values()))),
+        "adapters": {n: {k: v for k, v in a.items() if k not in ("lora", "validation_logits")}
+                     for n, a in retrained.items()},
+        "seconds": {**placed["seconds"], "training": round(training_seconds, 3),
+                    "total": round(time.perf_counter() - started, 3)},
+    }
+    on_writer(lambda: atomic_write_json(out_dir / "metrics.json", metrics))
+    return {**metrics, "directory": str(out_dir)}
