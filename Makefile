@@ -41,7 +41,7 @@ test: test-one test-py312
 
 test-one: install
 	@echo "== pytest $(PYTEST_ARGS) on $$($(BIN)/jax-ensemble --version)"
-	$(BIN)/pytest -q $(PYTEST_ARGS)
+	$(BIN)/pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-py312:
 ifeq ($(PY_TAG),py312)

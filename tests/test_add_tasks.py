@@ -82,6 +82,7 @@ def test_placed_task_equals_a_from_scratch_stage_over_the_same_subsets(tiny_hf_d
         place_tasks(run, [str(tmp_path / "tone.yaml")], progress=False)
 
 
+@pytest.mark.slow
 def test_add_tasks_retrains_one_group_and_refits_its_tasks(tiny_hf_dir, tmp_path):
     """A finished three-task run, then ``add-tasks`` with the fourth: the group the placement
     chose is retrained from its own adapter (the others restored untouched), the weights of
