@@ -193,14 +193,14 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
 def _cmd_add_tasks(args: argparse.Namespace) -> int:
     from jax_ensemble.stages.add_tasks import add_tasks
 
-    result = add_tasks(args.run, args.tasks, open_below=args.open_below)
+    result = add_tasks(args.run, args.tasks)
     if args.json:
         print(json.dumps(result))
         return 0
     for name in result["added"]:
-        where = result["placement"][name]["group"]
-        means = ", ".join(f"{m:+.3f}" for m in result["placement"][name]["group_affinity"])
-        print(f"{name}: {'a group of its own' if where is None else f'group {where}'} (mean affinity per group {means})")
+        where, gain = result["placement"][name]["group"], result["placement"][name]["estimated_gain"]
+        print(f"{name}: {'a group of its own' if where is None else f'group {where}'} (estimated gain per group "
+              + ", ".join(f"{g:+.3f}" for g in gain["groups"]) + f"; alone {gain['alone']:+.3f})")
     print("groups: " + " | ".join(", ".join(g) for g in result["groups"]))
     print(f"retrained: {', '.join(result['retrained'])}; ensemble weights refit for {', '.join(result['affected_tasks'])}")
     acc = result["per_task_accuracy"]
@@ -450,13 +450,10 @@ def build_parser() -> argparse.ArgumentParser:
     config_args(cluster)
     cluster.set_defaults(handler=_cmd_cluster)
 
-    add = sub.add_parser("add-tasks", help="add tasks to a finished run: their gradients and subsets only, the best "
-                                           "group (or a new one), that group retrained, weights refit")
+    add = sub.add_parser("add-tasks", help="add tasks to a finished run: their gradients and subsets only, the group "
+                                           "each fits best (or a new one), that group retrained, weights refit")
     add.add_argument("tasks", nargs="+", metavar="TASK", help="built-in task names or task spec files")
     add.add_argument("--run", required=True, help="the finished run's directory (its config.json and metrics.json)")
-    add.add_argument("--open-below", type=float, default=0.0,
-                     help="a new task gets a group of its own when its best mean affinity to a group is below this "
-                          "(default 0: no better than an average partner)")
     add.add_argument("--json", action="store_true", help="print one JSON object")
     add.set_defaults(handler=_cmd_add_tasks)
 

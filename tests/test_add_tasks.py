@@ -74,9 +74,19 @@ def test_placed_task_equals_a_from_scratch_stage_over_the_same_subsets(tiny_hf_d
     row = dict(zip(names, expected[3]))
     means = [np.mean([row[t] for t in group]) for group in placed["groups"]]
     assert placed["placement"]["shape"]["group_affinity"] == pytest.approx(means, abs=1e-5)
-    assert placed["placement"]["shape"]["group"] == int(np.argmax(means))
-    alone = place_tasks(run, [new], open_below=np.inf, progress=False)
-    assert alone["placement"]["shape"]["group"] is None  # every group below the bar: a group of its own
+
+    # the placement: each group's fit with and without shape, and shape alone, solved here
+    groups = [[names.index(t) for t in group] for group in placed["groups"]]
+    candidates = [set(g) for g in groups] + [set(g) | {3} for g in groups] + [{3}]
+    member = np.array([[t in c for t in range(4)] for c in candidates])
+    fits = -np.asarray(affinity.estimate_subsets(data.features, data.offsets, data.labels, data.task_ids,
+                                                 data.train_mask, data.val_mask, member, l2=L2).loss)
+    m = len(groups)
+    gains = [fits[m + g, 3] + sum(fits[m + g, j] - fits[g, j] for j in groups[g]) for g in range(m)]
+    got = placed["placement"]["shape"]
+    assert got["estimated_gain"]["groups"] == pytest.approx(gains, rel=1e-4, abs=1e-5)
+    assert got["estimated_gain"]["alone"] == pytest.approx(fits[2 * m, 3], rel=1e-4)
+    assert got["group"] == (int(np.argmax(gains)) if max(gains) >= fits[2 * m, 3] else None)
 
     with pytest.raises(DataError, match="task 'tone' is already in the run"):
         place_tasks(run, [str(tmp_path / "tone.yaml")], progress=False)

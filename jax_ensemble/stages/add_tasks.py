@@ -14,9 +14,13 @@ tasks. For the new tasks only:
    (:func:`jax_ensemble.core.affinity.affinity_matrix`): what a from-scratch affinity stage
    with these subsets computes (the old tasks' entries move a little: each task's scores
    are standardised over every subset that holds it);
-4. each new task joins the run's group with the largest mean affinity to it, or a group of
-   its own when that mean is below ``open_below`` (0: the new task does no better beside
-   that group than beside an average partner).
+4. each new task joins the group where the regressions estimate the most gain: for every
+   group C_g the subsets C_g and C_g ∪ {t}, and {t} alone, are solved in the same batched
+   program, and joining g is worth s_t(C_g ∪ t) + Σ_{j ∈ C_g} [s_j(C_g ∪ t) − s_j(C_g)]
+   (s: minus the estimated validation loss, or the accuracy, per ``affinity.metric``): the
+   new task's own fit plus what it does to the group's tasks. When {t} alone scores higher
+   than every group, t gets a group of its own. The mean affinity to each group is
+   reported beside it.
 
 ``place_tasks`` writes ``<run_dir>/added/<digest of the new tasks and settings>/placement.json``.
 """
@@ -112,11 +116,39 @@ def union_affinity(old_scores: np.ndarray, old_subsets: np.ndarray, new_scores: 
     return affinity.affinity_matrix(scores, subsets), subsets
 
 
-def place_tasks(config: Config, refs: Sequence[str], *, open_below: float = 0.0, progress: bool = True,
+def candidate_subsets(groups: Sequence[Sequence[int]], new: Sequence[int], width: int) -> np.ndarray:
+    """(m + len(new)·(m + 1), width) bool: each group C_g, then per new task t the subsets
+    C_g ∪ {t} (g = 0..m−1) and {t} alone: the regressions :func:`placement_gains` compares."""
+    rows = [set(g) for g in groups]
+    for t in new:
+        rows += [set(g) | {t} for g in groups] + [{t}]
+    out = np.zeros((len(rows), width), bool)
+    for r, members in enumerate(rows):
+        out[r, sorted(members)] = True
+    return out
+
+
+def placement_gains(scores: np.ndarray, groups: Sequence[Sequence[int]], new: Sequence[int]) -> np.ndarray:
+    """(len(new), m + 1) estimated gain of each choice for each new task t, from the
+    :func:`candidate_subsets`' scores (higher is better, e.g. minus the validation loss):
+    joining group g is s_t(C_g ∪ t) + Σ_{j ∈ C_g} [s_j(C_g ∪ t) − s_j(C_g)] (t's own fit and
+    what it does to the group's tasks), a group of its own (column m) is s_t({t})."""
+    m = len(groups)
+    gains = np.empty((len(new), m + 1))
+    for i, t in enumerate(new):
+        block = scores[m + i * (m + 1): m + (i + 1) * (m + 1)]
+        for g, members in enumerate(groups):
+            gains[i, g] = block[g, t] + sum(block[g, j] - scores[g, j] for j in members)
+        gains[i, m] = block[m, t]
+    return gains
+
+
+def place_tasks(config: Config, refs: Sequence[str], *, progress: bool = True,
                 model: RunModel | None = None) -> dict[str, Any]:
     """Place the tasks ``refs`` (built-in names or spec paths) into the finished run of
     ``config`` (the module doc); returns and writes the placement: per new task its affinity
-    to every old task, its mean affinity to each group, and the group it joins."""
+    to every old task and its mean affinity to each group, the estimated gain of each
+    choice, and the group it joins (None: a group of its own)."""
     started = time.perf_counter()
     old_names = [t.name for t in load_suite(config.tasks)]
     tasks = [load_task(ref, config.tasks) for ref in refs]
@@ -135,32 +167,35 @@ def place_tasks(config: Config, refs: Sequence[str], *, open_below: float = 0.0,
     start = time.perf_counter()
     ac = config.affinity
     old = load_estimates(grouping["affinity_dir"])
-    new_subsets = added_subsets(len(old_names), len(names), old["subsets"], ac.seed)
     data = stack_tasks(gradients)
-    est = estimate_stacked(data, new_subsets, config, l2=ac.l2)
-    score = (lambda e: -e["loss"]) if ac.metric == "loss" else (lambda e: e["accuracy"])
-    matrix, subsets = union_affinity(score(old), old["subsets"], score({"loss": est.loss, "accuracy": est.accuracy}),
-                                     new_subsets)
+    index = {name: i for i, name in enumerate(data.names)}
+    groups = [[index[t] for t in g] for g in grouping["groups"]]
+    new = [index[n] for n in names]
+    new_subsets = added_subsets(len(old_names), len(names), old["subsets"], ac.seed)
+    candidates = candidate_subsets(groups, new, len(data.names))
+    est = estimate_stacked(data, np.concatenate([new_subsets, candidates]), config, l2=ac.l2)
+    scores = -est.loss if ac.metric == "loss" else est.accuracy
+    matrix, subsets = union_affinity(-old["loss"] if ac.metric == "loss" else old["accuracy"], old["subsets"],
+                                     scores[: len(new_subsets)], new_subsets)
+    gains = placement_gains(scores[len(new_subsets):], groups, new)
     seconds["estimates"] = time.perf_counter() - start
 
-    index = {name: i for i, name in enumerate(data.names)}
-    groups = [list(g) for g in grouping["groups"]]
     placement = {}
-    for name in names:
+    for i, name in enumerate(names):
         row = matrix[index[name]]
-        means = [float(np.mean([row[index[t]] for t in group])) for group in groups]
-        best = int(np.argmax(means))
+        best = int(np.argmax(gains[i]))
         placement[name] = {
             "affinity": {t: float(row[index[t]]) for t in old_names},
-            "group_affinity": means,
-            "group": best if means[best] >= open_below else None,
+            "group_affinity": [float(np.mean(row[g])) for g in groups],
+            "estimated_gain": {"groups": gains[i, :-1].tolist(), "alone": float(gains[i, -1])},
+            "group": best if best < len(groups) else None,
         }
     result = {
         "tasks": names,
         "run_tasks": old_names,
-        "groups": groups,
+        "groups": [list(g) for g in grouping["groups"]],
         "placement": placement,
-        "open_below": open_below,
+        "metric": ac.metric,
         "new_subsets": [[data.names[t] for t in np.flatnonzero(s)] for s in new_subsets],
         "subsets": int(len(subsets)),
         "affinity": matrix.tolist(),
@@ -168,13 +203,13 @@ def place_tasks(config: Config, refs: Sequence[str], *, open_below: float = 0.0,
         "all_converged": bool(np.all(est.solution.converged)),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
     }
-    out_dir = stage_dir(config.resolved_run_dir(), "added", {"tasks": list(refs), "affinity": grouping["affinity_dir"],
-                                                              "open_below": open_below})
+    out_dir = stage_dir(config.resolved_run_dir(), "added", {"tasks": list(refs), "affinity": grouping["affinity_dir"]})
     on_writer(lambda: atomic_write_json(out_dir / "placement.json", result))
     for name in names:
-        where = placement[name]["group"]
-        log.info("%s joins %s (mean affinity %s)", name, "a group of its own" if where is None else f"group {where}",
-                 ", ".join(f"{m:+.3f}" for m in placement[name]["group_affinity"]))
+        where, gain = placement[name]["group"], placement[name]["estimated_gain"]
+        log.info("%s joins %s (estimated gain per group %s, alone %+.3f)", name,
+                 "a group of its own" if where is None else f"group {where}",
+                 ", ".join(f"{g:+.3f}" for g in gain["groups"]), gain["alone"])
     return {**result, "directory": str(out_dir)}
 
 
@@ -196,8 +231,7 @@ def extended_suite(config: Config, refs: Sequence[str], directory: Path) -> Conf
     return dataclasses.replace(config, tasks=dataclasses.replace(config.tasks, suite=str(path)))
 
 
-def add_tasks(run_dir: str | Path, refs: Sequence[str], *, open_below: float = 0.0,
-              progress: bool = True) -> dict[str, Any]:
+def add_tasks(run_dir: str | Path, refs: Sequence[str], *, progress: bool = True) -> dict[str, Any]:
     """Add the tasks ``refs`` to the finished run in ``run_dir``: :func:`place_tasks`, then
     retrain only the groups that change (each from its own adapter on its old and new
     tasks; a new task's own group from θ0), refit the convex ensemble weights of the tasks
@@ -208,7 +242,7 @@ def add_tasks(run_dir: str | Path, refs: Sequence[str], *, open_below: float = 0
     run_dir = Path(run_dir)
     config, run_metrics = run_record(run_dir)
     model = load_run_model(config, sanity_check=False)
-    placed = place_tasks(config, refs, open_below=open_below, progress=progress, model=model)
+    placed = place_tasks(config, refs, progress=progress, model=model)
     out_dir = Path(placed["directory"])
     extended = extended_suite(config, refs, out_dir)
     names, old_names = placed["affinity_tasks"], placed["run_tasks"]
