@@ -231,6 +231,22 @@ def extended_suite(config: Config, refs: Sequence[str], directory: Path) -> Conf
     return dataclasses.replace(config, tasks=dataclasses.replace(config.tasks, suite=str(path)))
 
 
+def grown_groups(placed: dict[str, Any]) -> tuple[list[list[int]], list[int]]:
+    """(groups as indices into ``placed["affinity_tasks"]`` with every new task in the group
+    :func:`place_tasks` chose, or in a new group of its own; the ids of the groups that changed)."""
+    index = {name: i for i, name in enumerate(placed["affinity_tasks"])}
+    groups = [[index[t] for t in group] for group in placed["groups"]]
+    changed = set()
+    for name in placed["tasks"]:
+        group = placed["placement"][name]["group"]
+        if group is None:
+            groups.append([])
+            group = len(groups) - 1
+        groups[group].append(index[name])
+        changed.add(group)
+    return groups, sorted(changed)
+
+
 def add_tasks(run_dir: str | Path, refs: Sequence[str], *, progress: bool = True) -> dict[str, Any]:
     """Add the tasks ``refs`` to the finished run in ``run_dir``: :func:`place_tasks`, then
     retrain only the groups that change (each from its own adapter on its old and new
@@ -247,23 +263,14 @@ def add_tasks(run_dir: str | Path, refs: Sequence[str], *, progress: bool = True
     extended = extended_suite(config, refs, out_dir)
     names, old_names = placed["affinity_tasks"], placed["run_tasks"]
     index = {name: i for i, name in enumerate(names)}
-    groups = [[index[t] for t in group] for group in placed["groups"]]
-    changed: set[int] = set()
-    for name in placed["tasks"]:
-        group = placed["placement"][name]["group"]
-        if group is None:
-            groups.append([index[name]])
-            group = len(groups) - 1
-        else:
-            groups[group].append(index[name])
-        changed.add(group)
+    groups, changed = grown_groups(placed)
 
     old_tables = suite_tables(config, model.tokenizer, old_names)
     run_groups = {f"group-{g}": ids for g, ids in enumerate(groups[: len(placed["groups"])])}
     restored = adapters_for_plan(config, {n: [t for t in ids if t < len(old_names)] for n, ids in run_groups.items()},
                                  model.graphdef, model.lora0, model.base, old_tables, old_names)
     tables = suite_tables(extended, model.tokenizer, names)
-    plan = {f"group-{g}": groups[g] for g in sorted(changed)}
+    plan = {f"group-{g}": groups[g] for g in changed}
     starts = {n: (n, restored[n]["lora"]) for n in plan if n in restored}
     start = time.perf_counter()
     retrained = adapters_for_plan(extended, plan, model.graphdef, model.lora0, model.base, tables, names,
@@ -275,7 +282,7 @@ def add_tasks(run_dir: str | Path, refs: Sequence[str], *, progress: bool = True
     alpha = np.zeros((len(names), len(groups)))
     alpha[: len(old_names), : old_alpha.shape[1]] = old_alpha
     affected = sorted({index[n] for n in placed["tasks"]}
-                      | set(np.flatnonzero(alpha[:, sorted(changed)].sum(axis=1) > 0).tolist()))
+                      | set(np.flatnonzero(alpha[:, changed].sum(axis=1) > 0).tolist()))
     mesh = make_mesh(config.mesh)
     base, _ = on_mesh(mesh, model.base)
     bs = config.tasks.batch_size
