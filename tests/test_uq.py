@@ -189,10 +189,11 @@ def test_laplace_rows_are_the_models_label_logits_and_their_gradients(tiny_hf_di
     minus, _ = log_odds(lifted_adapter(projector, -eps * w, lora0), setup.train_table)
     np.testing.assert_allclose(g[:, 1] @ w, (plus - minus) / (2 * eps), rtol=2e-2, atol=2e-2 * np.abs(plus - minus).max() / eps)
 
-    prior_only = dataclasses.replace(config, affinity=dataclasses.replace(config.affinity, l2=1e12))
-    id_log_probs, _ = uq_stage.laplace_logits(prior_only, setup, progress=False)
+    prior_only = uq_stage.laplace_logits(config, setup, l2=1e12, progress=False)
     _, z = log_odds(lora0, setup.tables[0])
-    np.testing.assert_allclose(id_log_probs[0], z - np.log(np.exp(z).sum(1, keepdims=True)), atol=1e-4)
+    np.testing.assert_allclose(prior_only.id_logits[0], z - np.log(np.exp(z).sum(1, keepdims=True)), atol=1e-4)
+    chosen = uq_stage.laplace_logits(config, setup, progress=False)  # λ by the evidence: the grid's argmax
+    assert chosen.l2 == uq_stage.laplace.PRIOR_GRID[int(np.argmax(chosen.log_evidence))]
 
 
 @pytest.mark.slow
@@ -241,11 +242,12 @@ def test_uq_over_seeds_resumes_each_seed_and_pairs_the_methods(tiny_hf_dir, tmp_
     # a seed recorded before the laplace method gains it without retraining, the same numbers
     path = uq_dir / "seed-4" / "results.json"
     older = json.loads(path.read_text())
-    del older["results"]["laplace"]
+    del older["results"]["laplace"], older["laplace_prior"]
     path.write_text(json.dumps(older))
     again = uq_stage.run_uq(config, [4, 5], progress=False)
     assert ran == [4, 5] and again["results"] == summary["results"]
     assert json.loads(path.read_text())["results"] == recorded[4]
+    assert json.loads(path.read_text())["laplace_l2"] in uq_stage.laplace.PRIOR_GRID
 
 
 def test_uq_on_a_2x2x2_mesh_equals_one_device(tiny_hf_dir, tmp_path):

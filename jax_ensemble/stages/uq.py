@@ -14,7 +14,8 @@ space, so an OOD score compares like with like):
 - ``mc_dropout``: one adapter trained with LoRA dropout, predicting with the mean of M
   dropout samples;
 - ``laplace``: no fine-tune at all: the linearized Laplace posterior of the projected-
-  gradient regression at the single adapter's initialisation (:func:`laplace_logits`).
+  gradient regression at the single adapter's initialisation, its prior precision chosen
+  by the Laplace evidence (:func:`laplace_logits`).
 
 Over several seeds (``run_uq(config, seeds)``; each seed is the whole experiment again:
 LoRA initialisations, data order and dropout keys, on the same splits) every seed writes
@@ -31,7 +32,7 @@ import dataclasses
 import functools
 import json
 import logging
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -170,15 +171,15 @@ def run_uq(config: Config, seeds: Sequence[int] | None = None, *, progress: bool
         recorded = out_dir / f"seed-{seed}" / "results.json"
         restored = recorded.is_file() and (done := json.loads(recorded.read_text()))["config_hash"] == config_hash(
             seed_config)
-        if restored and "laplace" in done["results"]:
+        if restored and done.get("laplace_prior") == LAPLACE_PRIOR:
             log.info("uq: seed %d restored from %s", seed, recorded)
             per_seed[seed] = done
             continue
         if loaded is None:
             loaded = load_pretrained(config.model.source, base_dtype=config.model.base_dtype,
                                      compute_dtype=config.model.compute_dtype, kernels=config.model.kernels)
-        if restored:  # recorded before the laplace method: add it, without retraining the others
-            log.info("uq: seed %d restored from %s; adding laplace", seed, recorded)
+        if restored:  # recorded before this laplace method: (re)compute it, without retraining the others
+            log.info("uq: seed %d restored from %s; computing laplace", seed, recorded)
             per_seed[seed] = add_laplace(seed_config, done, *loaded, progress=progress)
         else:
             per_seed[seed] = run_uq_seed(seed_config, *loaded, progress=progress)
@@ -240,12 +241,29 @@ def seed_setup(config: Config, model: nnx.Module, tokenizer: Any) -> SeedSetup:
                      int(sum(len(s.labels) for s in ood_test)), seeds)
 
 
-def laplace_logits(config: Config, setup: SeedSetup, *, progress: bool = True) -> tuple[np.ndarray, ...] | None:
+LAPLACE_PRIOR = "evidence"
+"""How the laplace method's λ is chosen, recorded with each seed: a seed recorded with
+another choice (or before the method) has its laplace row recomputed."""
+
+
+class LaplaceOutputs(NamedTuple):
+    """(1, N, K) log predictive probabilities on the in- and out-of-distribution tables (as
+    logits: their softmax is the predictive), and the prior's λ with its log evidence."""
+
+    id_logits: np.ndarray
+    ood_logits: np.ndarray
+    l2: float
+    log_evidence: list[float]
+
+
+def laplace_logits(config: Config, setup: SeedSetup, *, l2: float | None = None,
+                   progress: bool = True) -> LaplaceOutputs | None:
     """The linearized Laplace (:mod:`jax_ensemble.core.laplace`) at the single adapter's
     initialisation θ0 (member 0, B = 0): the training rows' projected label-logit gradients
-    (the gradient stage's projector and features) fit ŵ and H with λ = ``affinity.l2``; each
-    test table gets (1, N, K) log predictive probabilities by the probit approximation
-    (their softmax is the predictive). None when the in-distribution tasks differ in K."""
+    (the gradient stage's projector and features) fit ŵ and H with the λ of the largest
+    Laplace evidence on :data:`laplace.PRIOR_GRID` (or ``l2`` when given); each test table
+    gets log predictive probabilities by the probit approximation. None when the
+    in-distribution tasks differ in K."""
     k = setup.tables[0]["label_token_ids"].shape[1]
     if (setup.train_table["label_token_ids"] < 0).any() or (setup.tables[0]["label_token_ids"] < 0).any():
         log.info("uq: laplace skipped: the in-distribution tasks have different numbers of label words")
@@ -271,13 +289,22 @@ def laplace_logits(config: Config, setup: SeedSetup, *, progress: bool = True) -
         return jnp.asarray(f0), jnp.asarray(g)
 
     f0, g = relative_logits(setup.train_table)
-    posterior = laplace.fit_laplace(g, f0, jnp.asarray(setup.train_table["label"]), config.affinity.l2)
+    labels = jnp.asarray(setup.train_table["label"])
+    chosen, evidence = laplace.evidence_l2(g, f0, labels)
+    posterior = laplace.fit_laplace(g, f0, labels, chosen if l2 is None else l2)
     out = []
     for table in setup.tables:
         f0, g = relative_logits(table)
         out.append(np.asarray(laplace.probit_log_probs(*laplace.logit_moments(posterior, g, f0)))[None])
     bar.close()
-    return tuple(out)
+    log.info("uq: laplace prior λ = %g (log evidence %s over λ = %s)", chosen if l2 is None else l2,
+             ", ".join(f"{v:.1f}" for v in evidence), ", ".join(f"{v:g}" for v in laplace.PRIOR_GRID))
+    return LaplaceOutputs(out[0], out[1], chosen if l2 is None else l2, evidence.tolist())
+
+
+def laplace_record(outputs: LaplaceOutputs) -> dict[str, Any]:
+    """What a seed's results.json records of the laplace method beside its metrics."""
+    return {"laplace_prior": LAPLACE_PRIOR, "laplace_l2": outputs.l2, "laplace_log_evidence": outputs.log_evidence}
 
 
 def add_laplace(config: Config, done: dict[str, Any], model: nnx.Module, tokenizer: Any, *,
@@ -288,8 +315,8 @@ def add_laplace(config: Config, done: dict[str, Any], model: nnx.Module, tokeniz
     outputs = laplace_logits(config, setup, progress=progress)
     if outputs is None:
         return done
-    metrics = method_metrics(outputs[0], setup.id_labels, outputs[1], config.uq.num_bins)
-    done = {**done, "results": {**done["results"], "laplace": metrics}}
+    metrics = method_metrics(outputs.id_logits, setup.id_labels, outputs.ood_logits, config.uq.num_bins)
+    done = {**done, "results": {**done["results"], "laplace": metrics}, **laplace_record(outputs)}
     out_dir = config.resolved_run_dir() / "uq" / f"seed-{config.seed}"
     atomic_write_bytes(out_dir / "table.md", markdown_table(done["results"]).encode())
     atomic_write_json(out_dir / "results.json", done)
@@ -344,8 +371,9 @@ def run_uq_seed(config: Config, model: nnx.Module, tokenizer: Any, *, progress: 
     mc = members(classification_objective(graphdef_mc), initial_mc, training, train_table, seeds[:1], "mc_dropout",
                  dropout=True)
     outputs["mc_dropout"] = evaluate(graphdef_mc, mc, jax.random.split(jax.random.key(config.seed + 10_000), uq.members))
-    if (linearized := laplace_logits(config, setup, progress=progress)) is not None:
-        outputs["laplace"] = linearized
+    linearized = laplace_logits(config, setup, progress=progress)
+    if linearized is not None:
+        outputs["laplace"] = (linearized.id_logits, linearized.ood_logits)
 
     results = {name: method_metrics(i, id_labels, o, uq.num_bins) for name, (i, o) in outputs.items()}
     out_dir = config.resolved_run_dir() / "uq" / f"seed-{config.seed}"
@@ -364,6 +392,7 @@ def run_uq_seed(config: Config, model: nnx.Module, tokenizer: Any, *, progress: 
         "config_hash": config_hash(config),
         "config": config_to_dict(config),
         "reliability_png": str(out_dir / "reliability.png"),
+        **({} if linearized is None else laplace_record(linearized)),
     }
     atomic_write_json(out_dir / "results.json", summary)
     return summary
