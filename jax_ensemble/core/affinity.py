@@ -30,6 +30,12 @@ AFFINITY_METRICS = ("loss", "accuracy")
 """Per-task scores an affinity can average: minus the validation loss, or the accuracy."""
 
 
+def metric_scores(loss: np.ndarray, accuracy: np.ndarray, metric: str) -> np.ndarray:
+    """The per-(subset, task) scores an affinity averages for ``metric`` (one of
+    :data:`AFFINITY_METRICS`): minus the validation loss, or the accuracy (higher is better)."""
+    return -np.asarray(loss) if metric == "loss" else np.asarray(accuracy)
+
+
 def subset_size(num_tasks: int, fraction: float) -> int:
     """⌈fraction·n⌉ tasks per subset, at least 2 (a pair) and at most n."""
     return min(num_tasks, max(2, math.ceil(fraction * num_tasks - 1e-9)))

@@ -42,15 +42,23 @@ class LaplacePosterior(NamedTuple):
     precision_cholesky: jax.Array
 
 
+def _map_and_precision(features: jax.Array, offsets: jax.Array, labels: jax.Array,
+                       l2: float) -> tuple[solvers.Solution, jax.Array]:
+    """(the MAP regression's :class:`~jax_ensemble.core.solvers.Solution`, the Cholesky
+    factor L of H at ŵ); jit/vmap-able in ``l2``."""
+    weights = jnp.ones(labels.shape[0], features.dtype)
+    solution = solvers.newton(features, offsets, labels, weights, l2)
+    precision = solvers.hessian(solution.params, features, offsets, labels, weights, l2)
+    return solution, jnp.linalg.cholesky(precision)
+
+
 def fit_laplace(features: jax.Array, offsets: jax.Array, labels: jax.Array, l2: float) -> LaplacePosterior:
     """The posterior N(ŵ, H⁻¹) of the module docstring from the training rows' features
     G (n, K, d), offsets f0 (n, K) and labels y (n,) in 0..K−1, prior precision 2λ."""
-    weights = jnp.ones(labels.shape[0], features.dtype)
-    solution = solvers.newton(features, offsets, labels, weights, l2)
+    solution, cholesky = _map_and_precision(features, offsets, labels, l2)
     if not bool(solution.converged):
         raise NumericalError(f"the Laplace MAP regression did not converge in {int(solution.iterations)} Newton steps")
-    precision = solvers.hessian(solution.params, features, offsets, labels, weights, l2)
-    return LaplacePosterior(solution.params, jnp.linalg.cholesky(precision))
+    return LaplacePosterior(solution.params, cholesky)
 
 
 PRIOR_GRID = tuple(10.0 ** np.arange(-2.0, 4.5, 0.5))
@@ -63,10 +71,8 @@ def log_evidence(features: jax.Array, offsets: jax.Array, labels: jax.Array, l2:
         −F(ŵ) + (d/2)·log 2λ − ½·log det H,   F(w) = Σ_i ℓ(y_i, z_i) + λ‖w‖²
 
     (MacKay's evidence; jit/vmap-able in ``l2``)."""
-    weights = jnp.ones(labels.shape[0], features.dtype)
-    solution = solvers.newton(features, offsets, labels, weights, l2)
-    precision = solvers.hessian(solution.params, features, offsets, labels, weights, l2)
-    log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(jnp.linalg.cholesky(precision))))
+    solution, cholesky = _map_and_precision(features, offsets, labels, l2)
+    log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(cholesky)))
     return -solution.objective + 0.5 * features.shape[-1] * jnp.log(2.0 * l2) - 0.5 * log_det
 
 

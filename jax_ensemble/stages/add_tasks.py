@@ -49,16 +49,15 @@ from jax_ensemble.data.suites import suite_task_refs
 from jax_ensemble.data.tables import eval_batch_count, rows_of, table_of_splits
 from jax_ensemble.data.task import Task
 from jax_ensemble.errors import CheckpointError, DataError
-from jax_ensemble.models.lora_gradients import lora_feature_split
 from jax_ensemble.stages.adapters import adapters_for_plan, suite_tables
 from jax_ensemble.stages.ensemble import ensemble_table_logits, on_mesh, stacked_table_logits
-from jax_ensemble.stages.gradients import GRADIENT_SPLITS, SplitGradients, load_gradients, stage_projector, table_gradients
+from jax_ensemble.stages.gradients import GRADIENT_SPLITS, SplitGradients, gradients_at, load_gradients
 from jax_ensemble.stages.grouping import estimate_stacked, grouping_stage, load_affinity, load_estimates, stack_tasks
 from jax_ensemble.stages.model import RunModel, load_run_model
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 from jax_ensemble.storage.digests import stage_dir
 from jax_ensemble.storage.processes import on_writer
-from jax_ensemble.training.mesh import make_mesh, put_tree
+from jax_ensemble.training.mesh import make_mesh
 from jax_ensemble.training.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -68,10 +67,6 @@ def new_task_gradients(config: Config, tasks: Sequence[Task], model: RunModel, *
                        progress: bool = True) -> dict[str, dict[str, SplitGradients]]:
     """``{task: {split: SplitGradients}}`` of ``tasks``' train and validation rows at the run's
     θ0 (``model.lora0``) with the run's projector: what the gradient stage would store for them."""
-    mesh = make_mesh(config.mesh)
-    features, fixed, _ = lora_feature_split(model.lora0)
-    projector = stage_projector(config, features, mesh)
-    base, features, fixed = (put_tree(t, mesh) for t in (model.base, features, fixed))
     max_length = config.tasks.max_length
     splits = {(task.name, split): tokenize_split(task, split, model.tokenizer, max_length)
               for task in tasks for split in GRADIENT_SPLITS}
@@ -79,13 +74,12 @@ def new_task_gradients(config: Config, tasks: Sequence[Task], model: RunModel, *
               for key, s in splits.items()}
     bar = Progress(sum(eval_batch_count(t, config.gradients.batch_size) for t in tables.values()),
                    "new tasks' gradients", "batch", enabled=progress)
-    strategies: dict[int, str] = {}
+    gradients = gradients_at(config, model.graphdef, model.lora0, model.base, make_mesh(config.mesh),
+                             on_batch=lambda: bar.update(1))
     out: dict[str, dict[str, SplitGradients]] = {task.name: {} for task in tasks}
     for task in tasks:
         for split in GRADIENT_SPLITS:
-            f0, grads = table_gradients(tables[task.name, split], task.num_classes, graphdef=model.graphdef,
-                                        features=features, fixed=fixed, base_state=base, projector=projector,
-                                        config=config, mesh=mesh, strategies=strategies, on_batch=lambda: bar.update(1))
+            f0, grads = gradients(tables[task.name, split], task.num_classes)
             out[task.name][split] = SplitGradients(grads, f0, splits[task.name, split].labels.astype(np.int32))
     bar.close()
     return out
@@ -174,8 +168,8 @@ def place_tasks(config: Config, refs: Sequence[str], *, progress: bool = True,
     new_subsets = added_subsets(len(old_names), len(names), old["subsets"], ac.seed)
     candidates = candidate_subsets(groups, new, len(data.names))
     est = estimate_stacked(data, np.concatenate([new_subsets, candidates]), config, l2=ac.l2)
-    scores = -est.loss if ac.metric == "loss" else est.accuracy
-    matrix, subsets = union_affinity(-old["loss"] if ac.metric == "loss" else old["accuracy"], old["subsets"],
+    scores = affinity.metric_scores(est.loss, est.accuracy, ac.metric)
+    matrix, subsets = union_affinity(affinity.metric_scores(old["loss"], old["accuracy"], ac.metric), old["subsets"],
                                      scores[: len(new_subsets)], new_subsets)
     gains = placement_gains(scores[len(new_subsets):], groups, new)
     seconds["estimates"] = time.perf_counter() - start

@@ -153,6 +153,21 @@ def table_gradients(
     return f0, grads
 
 
+def gradients_at(config: Config, graphdef: nnx.GraphDef, lora0: nnx.State, base_state: nnx.State, mesh: Mesh, *,
+                 on_batch: Callable[[], None] = lambda: None) -> Callable[[Table, int], tuple[np.ndarray, np.ndarray]]:
+    """``f(table, num_classes) -> (f0, G)``: :func:`table_gradients` at the LoRA state
+    ``lora0`` (its feature leaves, :func:`lora_feature_split`) with the stage's projector
+    (:func:`stage_projector`), the states placed on ``mesh`` once and the reverse/forward
+    choice cached across calls: the gradient stage's rows for tables outside it."""
+    features, fixed, _ = lora_feature_split(lora0)
+    projector = stage_projector(config, features, mesh)
+    base_state, features, fixed = (put_tree(t, mesh) for t in (base_state, features, fixed))
+    strategies: dict[int, str] = {}
+    return lambda table, num_classes: table_gradients(
+        table, num_classes, graphdef=graphdef, features=features, fixed=fixed, base_state=base_state,
+        projector=projector, config=config, mesh=mesh, strategies=strategies, on_batch=on_batch)
+
+
 def gradient_stage(config: Config, *, progress: bool = True, model: RunModel | None = None) -> Path:
     """Projected gradients G and base outputs f0 of every train and validation example of
     the suite, written as checksummed shards ``<task>/<split>-<i>.safetensors`` (+ ``.sha256``)

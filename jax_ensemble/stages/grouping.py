@@ -155,7 +155,7 @@ def _estimate_affinity(config: Config, grad_dir: Path, out_dir: Path) -> None:
     start = time.perf_counter()
     est = estimate_stacked(data, subsets, config, l2=ac.l2)
     seconds = time.perf_counter() - start
-    scores = -est.loss if ac.metric == "loss" else est.accuracy
+    scores = affinity.metric_scores(est.loss, est.accuracy, ac.metric)
     matrix = affinity.affinity_matrix(scores, subsets)
     sol = est.solution
     write_verified(out_dir / "estimates.npz", _npz_bytes(

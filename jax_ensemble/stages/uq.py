@@ -52,9 +52,8 @@ from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.models.classification import label_logits
 from jax_ensemble.models.loading import load_pretrained
 from jax_ensemble.models.lora import init_member_adapters, merge_lora
-from jax_ensemble.models.lora_gradients import lora_feature_split
 from jax_ensemble.stages.ensemble import on_mesh, stacked_table_logits, table_outputs
-from jax_ensemble.stages.gradients import stage_projector, table_gradients
+from jax_ensemble.stages.gradients import gradients_at
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 from jax_ensemble.training.engine import train
 from jax_ensemble.training.losses import classification_objective, kl_regularized_objective, with_base_logits
@@ -268,22 +267,17 @@ def laplace_logits(config: Config, setup: SeedSetup, *, l2: float | None = None,
     if (setup.train_table["label_token_ids"] < 0).any() or (setup.tables[0]["label_token_ids"] < 0).any():
         log.info("uq: laplace skipped: the in-distribution tasks have different numbers of label words")
         return None
-    lora0 = unstack_tree(setup.initial)[0]
-    features, fixed, _ = lora_feature_split(lora0)
-    projector = stage_projector(config, features, setup.mesh)
-    features, fixed = put_tree(features, setup.mesh), put_tree(fixed, setup.mesh)
     tables = (setup.train_table, *setup.tables)
     bar = Progress(sum(eval_batch_count(t, config.gradients.batch_size) for t in tables), "laplace gradients",
                    "batch", enabled=progress)
-    strategies: dict[int, str] = {}
+    gradients = gradients_at(config, setup.graphdef, unstack_tree(setup.initial)[0], setup.base, setup.mesh,
+                             on_batch=lambda: bar.update(1))
 
     def relative_logits(table: Any) -> tuple[jax.Array, jax.Array]:
         """(f0 (N, K), G (N, K, d)): label-word logits minus class 0's and their gradients."""
         if k == 2:  # the output is the log-odds of the row's label: ask for class 1's, z1 - z0
             table = {**table, "label": np.ones_like(table["label"])}
-        f0, g = table_gradients(table, k, graphdef=setup.graphdef, features=features, fixed=fixed,
-                                base_state=setup.base, projector=projector, config=config, mesh=setup.mesh,
-                                strategies=strategies, on_batch=lambda: bar.update(1))
+        f0, g = gradients(table, k)
         if k == 2:
             f0, g = np.stack([np.zeros_like(f0), f0], axis=1), np.stack([np.zeros_like(g), g], axis=1)
         return jnp.asarray(f0), jnp.asarray(g)
