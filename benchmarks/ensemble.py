@@ -7,7 +7,8 @@ in the repository (``benchmarks/results/ensemble-<config>.json``, with the confi
 so a seed finished in one session is not run again in the next, whose checkout has no
 ``runs/``. It prints per seed the average test accuracy of each
 method; over seeds, mean ± std and the paired differences ensemble − single adapter and
-ensemble − random groups with a 95% t-interval; the per-task table (mean over seeds). The
+ensemble − random groups with a 95% t-interval (and, when the config boosts, the boosting
+gain: ensemble − the same groups without boosting); the per-task table (mean over seeds). The
 seed changes the LoRA initialisation (hence the gradients' A), the data order, the random
 groups and the boosting adapter; the splits stay fixed (``tasks.split_seed``).
 
@@ -18,7 +19,7 @@ affinity (both directions) below the mean affinity of the pairs that are not twi
 twins in different groups, and the same paired differences on the twins' tasks only.
 
     .venv/bin/python benchmarks/ensemble.py [--config default] [--seeds 0 1 2] [--train-size N]
-        [--validation-size N] [--test-size N] [--epochs E] [--out runs/bench-<config>] [--results FILE] [--json]
+        [--validation-size N] [--test-size N] [--epochs E] [--out runs/bench-<config>] [--results FILE] [--refresh] [--json]
         [key=value ...]
 
 Sizes default to the config's. Hours on a 2-core CPU; not run in CI (the planted-conflict
@@ -43,7 +44,9 @@ from jax_ensemble.data.offline import PLANTED_CONFLICTS
 from jax_ensemble.pipeline import run
 from jax_ensemble.storage.atomic import atomic_write_json
 
-METHODS = ("zero_shot", "single_adapter", "random_groups", "ensemble")
+METHODS = ("zero_shot", "single_adapter", "random_groups", "ensemble_no_boosting", "ensemble")
+"""Every method a run can report; a table shows those that every seed has (the row without
+boosting exists only when the config boosts)."""
 
 
 def twin_pairs(tasks: Sequence[str]) -> list[tuple[str, str]]:
@@ -84,6 +87,9 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="default runs/bench-<config name>")
     parser.add_argument("--results", default=None,
                         help="per-seed results file, kept across sessions (default benchmarks/results/ensemble-<config>.json)")
+    parser.add_argument("--refresh", action="store_true",
+                        help="recompute recorded seeds from their run directories (cached: only rows added since "
+                             "are computed), keeping their recorded wall seconds")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("overrides", nargs="*", metavar="key=value")
     args = parser.parse_args()
@@ -100,24 +106,26 @@ def main() -> None:
     for seed in args.seeds:
         config = load_config(args.config, [f"seed={seed}", *sizes, f"run_dir={out}/seed-{seed}", *args.overrides])
         done = recorded.get(str(seed))
-        if done is not None and done["config_hash"] == config_hash(config):
+        if done is not None and done["config_hash"] == config_hash(config) and not args.refresh:
             per_seed[seed] = done  # finished in an earlier session: recorded with the same config
             continue
         start = time.perf_counter()
         metrics = json.loads((run(config) / "metrics.json").read_text())
+        wall = done["wall_seconds"] if done is not None and args.refresh else round(time.perf_counter() - start, 1)
         per_seed[seed] = {"average_accuracy": metrics["average_accuracy"], "per_task_accuracy": metrics["per_task_accuracy"],
-                          "groups": metrics["groups"], "wall_seconds": round(time.perf_counter() - start, 1),
+                          "groups": metrics["groups"], "wall_seconds": wall,
                           "ensemble_overhead_percent": metrics["flops"]["ensemble_overhead_percent"],
                           "training_budget": metrics.get("training_budget"), "conflicts": conflict_checks(metrics),
                           "config_hash": config_hash(config)}
         recorded[str(seed)] = per_seed[seed]
         atomic_write_json(results_path, recorded)
-        print(f"seed {seed}: " + ", ".join(f"{m} {metrics['average_accuracy'][m]:.3f}" for m in METHODS),
+        print(f"seed {seed}: " + ", ".join(f"{m} {a:.3f}" for m, a in metrics["average_accuracy"].items()),
               file=sys.stderr, flush=True)
 
-    tasks = list(per_seed[args.seeds[0]]["per_task_accuracy"][METHODS[0]])
-    acc = {m: [per_seed[s]["average_accuracy"][m] for s in args.seeds] for m in METHODS}
-    per_task = {t: {m: float(np.mean([per_seed[s]["per_task_accuracy"][m][t] for s in args.seeds])) for m in METHODS}
+    methods = [m for m in METHODS if all(m in per_seed[s]["average_accuracy"] for s in args.seeds)]
+    tasks = list(per_seed[args.seeds[0]]["per_task_accuracy"][methods[0]])
+    acc = {m: [per_seed[s]["average_accuracy"][m] for s in args.seeds] for m in methods}
+    per_task = {t: {m: float(np.mean([per_seed[s]["per_task_accuracy"][m][t] for s in args.seeds])) for m in methods}
                 for t in tasks}
     result: dict[str, Any] = {
         "config": args.config, "seeds": args.seeds, "overrides": [*sizes, *args.overrides], "per_seed": per_seed,
@@ -127,13 +135,15 @@ def main() -> None:
         "ensemble_minus_random": paired_difference(acc["ensemble"], acc["random_groups"]),
         "per_task_mean_accuracy": per_task,
     }
+    if "ensemble_no_boosting" in acc:
+        result["boosting_gain"] = paired_difference(acc["ensemble"], acc["ensemble_no_boosting"])
     twins = [t for pair in twin_pairs(tasks) for t in pair]
     if twins:
         def on_twins(m: str) -> list[float]:
             return [float(np.mean([per_seed[s]["per_task_accuracy"][m][t] for t in twins])) for s in args.seeds]
         result["twins"] = {
             "tasks": twins,
-            "mean_accuracy": {m: float(np.mean(on_twins(m))) for m in METHODS},
+            "mean_accuracy": {m: float(np.mean(on_twins(m))) for m in methods},
             "ensemble_minus_single": paired_difference(on_twins("ensemble"), on_twins("single_adapter")),
             "separated_seeds": sum(per_seed[s]["conflicts"]["all_separated"] for s in args.seeds),
             "below_mean_seeds": sum(per_seed[s]["conflicts"]["all_below_mean"] for s in args.seeds),
@@ -141,17 +151,19 @@ def main() -> None:
     if args.json:
         print(json.dumps(result))
         return
-    print(f"{'method':<16} " + " ".join(f"seed {s:>3}" for s in args.seeds) + "    mean ± std")
-    for m in METHODS:
-        print(f"{m:<16} " + " ".join(f"{x:>8.3f}" for x in acc[m])
+    print(f"{'method':<20} " + " ".join(f"seed {s:>3}" for s in args.seeds) + "    mean ± std")
+    for m in methods:
+        print(f"{m:<20} " + " ".join(f"{x:>8.3f}" for x in acc[m])
               + f"    {result['mean_accuracy'][m]:.3f} ± {result['std_accuracy'][m]:.3f}")
-    for name in ("ensemble_minus_single", "ensemble_minus_random"):
+    for name in ("ensemble_minus_single", "ensemble_minus_random", "boosting_gain"):
+        if name not in result:
+            continue
         d = result[name]
         ci = "" if d["ci95"] is None else f"  95% CI [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]"
         print(f"{name.replace('_', ' ')}: {d['mean']:+.3f} ± {d['std']:.3f}{ci}")
-    print(f"\n{'task (mean over seeds)':<30} " + " ".join(f"{m:>14}" for m in METHODS))
+    print(f"\n{'task (mean over seeds)':<30} " + " ".join(f"{m:>20}" for m in methods))
     for t, row in per_task.items():
-        print(f"{t:<30} " + " ".join(f"{row[m]:>14.3f}" for m in METHODS))
+        print(f"{t:<30} " + " ".join(f"{row[m]:>20.3f}" for m in methods))
     if twins:
         tw = result["twins"]
         d = tw["ensemble_minus_single"]

@@ -237,6 +237,7 @@ def run(config: Config) -> Path:
         return ensemble_maths.make_ensemble(members, alpha), logits
 
     grouped, group_val_logits = weighted("group", len(groups))
+    unboosted = grouped  # kept for the ensemble_no_boosting row
     chosen: list[int] = []
     if config.ensemble.boosting_steps:
         boosting_training = adapter_training(config.training, num_rows(tables["train"]))
@@ -261,6 +262,9 @@ def run(config: Config) -> Path:
         "single_adapter": per_task_accuracy(single, test, names),
         "ensemble": per_task_accuracy(ensemble_logits(grouped, test, "test: ensemble", base_logits=zero), test, names),
     }
+    if chosen:  # the same groups without the boosting rounds: what boosting adds
+        per_task["ensemble_no_boosting"] = per_task_accuracy(
+            ensemble_logits(unboosted, test, "test: ensemble without boosting"), test, names)
     passes = {"ensemble": ensemble_maths.routed_passes(grouped, test["task_index"])}
     if random_groups:
         random_ensemble, _ = weighted("random", len(random_groups))

@@ -10,7 +10,7 @@ import numpy as np
 from jax_ensemble.figures import png_bytes, pyplot
 from jax_ensemble.storage.atomic import atomic_write_bytes, atomic_write_json
 
-METHODS = ("zero_shot", "single_adapter", "random_groups", "ensemble")
+METHODS = ("zero_shot", "single_adapter", "random_groups", "ensemble_no_boosting", "ensemble")
 
 
 def accuracy_png(per_task: Mapping[str, Mapping[str, float]]) -> bytes:
