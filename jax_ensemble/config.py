@@ -182,13 +182,13 @@ class ClusteringConfig:
     ``random`` | ``one`` (all tasks together) | ``each`` (one group per task);
     num_groups: m, or 0 to take the largest eigengap of the normalised affinity;
     solver: the SDP's solver: cvxpy's interior-point ``CLARABEL`` or ``SCS``, the low-rank
-    ``BURER_MONTEIRO`` (JAX; thousands of tasks), or ``auto`` (CLARABEL up to 60 tasks, the
-    low-rank solver beyond).
+    ``BURER_MONTEIRO`` (JAX; thousands of tasks), or ``auto`` (the default: CLARABEL up to 60
+    tasks, the low-rank solver beyond and when CLARABEL ends inaccurate).
     """
 
     method: str = "sdp"
     num_groups: int = 0
-    solver: str = "CLARABEL"
+    solver: str = "auto"
 
     def __post_init__(self) -> None:
         check_choice("clustering.method", self.method, CLUSTERING_METHODS)
