@@ -47,7 +47,7 @@ from jax_ensemble.core import clustering
 from jax_ensemble.core import ensemble as ensemble_maths
 from jax_ensemble.core.batch import Table
 from jax_ensemble.core.trees import stack_trees, zeros_like_member
-from jax_ensemble.data.tables import num_rows
+from jax_ensemble.data.tables import num_rows, rows_of
 from jax_ensemble.models.lora import with_zero_b
 from jax_ensemble.models.peft_export import export_peft_adapter
 from jax_ensemble.report import write_report
@@ -257,14 +257,18 @@ def run(config: Config) -> Path:
     test = tables["test"]
     single = stacked_logits(stack_trees([adapters["single"]["lora"]]), test, "test: single adapter")[0]
     zero = stacked_logits(stack_trees([zeros_like_member(stack_trees([lora0]))]), test, "test: zero-shot")[0]
+    boosted = ensemble_logits(grouped, test, "test: ensemble", base_logits=zero)
     per_task = {  # the zero-shot logits are also the boosted ensemble's base term z_base
         "zero_shot": per_task_accuracy(zero, test, names),
         "single_adapter": per_task_accuracy(single, test, names),
-        "ensemble": per_task_accuracy(ensemble_logits(grouped, test, "test: ensemble", base_logits=zero), test, names),
+        "ensemble": per_task_accuracy(boosted, test, names),
     }
-    if chosen:  # the same groups without the boosting rounds: what boosting adds
-        per_task["ensemble_no_boosting"] = per_task_accuracy(
-            ensemble_logits(unboosted, test, "test: ensemble without boosting"), test, names)
+    if chosen:  # the same groups without the boosting rounds, run on the boosted groups' rows only
+        boosted_tasks = sorted({t for g in chosen for t in groups[g]})  # (the other rows: boosting adds 0)
+        unboosted_logits = boosted.copy()
+        unboosted_logits[np.isin(test["task_index"], boosted_tasks)] = ensemble_logits(
+            unboosted, rows_of(test, boosted_tasks), "test: ensemble without boosting")
+        per_task["ensemble_no_boosting"] = per_task_accuracy(unboosted_logits, test, names)
     passes = {"ensemble": ensemble_maths.routed_passes(grouped, test["task_index"])}
     if random_groups:
         random_ensemble, _ = weighted("random", len(random_groups))

@@ -46,9 +46,6 @@ def test_run_tiny_writes_a_complete_report_and_resumes(tmp_path):
     peft = json.loads((tmp_path / "peft" / "group-0" / "adapter_config.json").read_text())
     assert peft["r"] == 4 and peft["lora_alpha"] == 32.0
     assert metrics["boosting_steps"] == 1 and (tmp_path / "adapters" / "boost-0" / "checkpoints").is_dir()
-    unboosted, boosted = metrics["per_task_accuracy"]["ensemble_no_boosting"], metrics["per_task_accuracy"]["ensemble"]
-    for task in set(metrics["tasks"]) - set(sum(metrics["boosted_groups"], [])):  # boosting leaves them alone
-        assert unboosted[task] == boosted[task], task
     trained = {p: p.read_text() for p in (tmp_path / "adapters").glob("*/metrics.jsonl")}
     assert {p.parent.name for p in trained} >= {"single", "group-0", "random-0", "boost-0"}
     check_estimates(tmp_path)
