@@ -60,7 +60,7 @@ from jax_ensemble.stages.logit_cache import LogitCache, cached
 from jax_ensemble.stages.model import load_run_model
 from jax_ensemble.storage.atomic import atomic_write_json
 from jax_ensemble.storage.processes import barrier, is_writer, on_writer, on_writer_array
-from jax_ensemble.training.engine import Evaluator, adapter_training, total_steps
+from jax_ensemble.training.engine import Evaluator, adapter_training
 from jax_ensemble.training.losses import classification_objective
 from jax_ensemble.training.mesh import check_rows_fit, initialize_distributed, make_mesh
 
@@ -241,7 +241,7 @@ def run(config: Config) -> Path:
     chosen: list[int] = []
     if config.ensemble.boosting_steps:
         boosting_training = adapter_training(config.training, num_rows(tables["train"]))
-        grouped, chosen = boost_trained(
+        grouped, chosen, boost_steps = boost_trained(
             graphdef, grouped, with_zero_b(lora0), base, tables["train"], groups, boosting_training, mesh,
             steps=config.ensemble.boosting_steps, step_size=config.ensemble.step_size, seed=config.seed,
             batch_size=bs, validation=val, validation_member_logits=group_val_logits,
@@ -250,7 +250,7 @@ def run(config: Config) -> Path:
         for r, g in enumerate(chosen):
             group_rows = int(np.isin(tables["train"]["task_index"], groups[g]).sum())
             adapters[f"boost-{r}"] = {"lora": jax.tree.map(lambda x: x[r], grouped.boosters),
-                                      "steps": total_steps(boosting_training, group_rows), "rows": group_rows,
+                                      "steps": boost_steps[r], "rows": group_rows,
                                       "tasks": [names[t] for t in groups[g]]}
 
     clock.start("evaluation", "per-task test accuracy")

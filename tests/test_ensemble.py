@@ -293,9 +293,9 @@ def test_trained_boosting_lowers_the_training_loss_of_a_weak_ensemble():
                       progress=False)
     config = TrainingConfig(learning_rate=2e-2, warmup_steps=0, max_steps=12, batch_size=8, max_grad_norm=1.0,
                             weight_decay=0.0)
-    boosted, chosen = boost_trained(graphdef, weak, fresh, base, train, groups, config, mesh, steps=1, step_size=0.5,
-                                    batch_size=16, progress=False)
-    assert chosen == [int(np.argmax(losses))]
+    boosted, chosen, steps = boost_trained(graphdef, weak, fresh, base, train, groups, config, mesh, steps=1,
+                                           step_size=0.5, batch_size=16, progress=False)
+    assert chosen == [int(np.argmax(losses))] and steps == [12]  # no validation: the whole budget
     after = ensemble_table_logits(graphdef, boosted, base, train, batch_size=16)
     rows = train["task_index"] == chosen[0]
     other = {k: v[~rows] for k, v in train.items()}
@@ -303,6 +303,21 @@ def test_trained_boosting_lowers_the_training_loss_of_a_weak_ensemble():
     np.testing.assert_allclose(after[~rows], before[~rows], rtol=1e-5, atol=1e-5)  # η = 0 off the group
     assert _train_loss(after, train) < _train_loss(before, train)
     assert _train_loss(after[~rows], other) == pytest.approx(_train_loss(before[~rows], other), rel=1e-5)
+
+
+def test_trained_boosting_reports_the_steps_early_stopping_left():
+    """A round validated on its group's rows stops when the validation loss stops improving;
+    the steps returned (what the FLOPs accounting charges) are the steps trained, not the
+    budget."""
+    graphdef, members, fresh, base = adapters()
+    train, val = two_task_table(32, seed=5), two_task_table(16, seed=9)
+    weak = make_ensemble(jax.tree.map(lambda x: x[:1], members), np.ones((2, 1)))
+    member_logits = stacked_table_logits(graphdef, jax.tree.map(lambda x: x[:1], members), base, val, batch_size=16)
+    config = TrainingConfig(learning_rate=5e-2, warmup_steps=0, max_steps=60, batch_size=8, max_grad_norm=1.0,
+                            weight_decay=0.0, eval_every=2, patience=1)
+    _, _, steps = boost_trained(graphdef, weak, fresh, base, train, [[0], [1]], config, make_mesh(MeshConfig()),
+                                batch_size=16, progress=False, validation=val, validation_member_logits=member_logits)
+    assert len(steps) == 1 and 0 < steps[0] < config.max_steps and steps[0] % config.eval_every == 0
 
 
 def test_a_trained_adapter_with_zero_b_is_the_base_model_and_starts_a_boosting_round():
@@ -325,8 +340,8 @@ def test_a_trained_adapter_with_zero_b_is_the_base_model_and_starts_a_boosting_r
     assert np.abs(logits[1] - zero).max() > 1e-2  # the trained adapter is not the base model
     weak = make_ensemble(jax.tree.map(lambda x: x[:1], members), np.ones((2, 1)))
     config = TrainingConfig(learning_rate=1e-2, warmup_steps=0, max_steps=2, batch_size=8)
-    _, chosen = boost_trained(graphdef, weak, reset, base, train, [[0], [1]], config, make_mesh(MeshConfig()),
-                              batch_size=16, progress=False)
+    _, chosen, _ = boost_trained(graphdef, weak, reset, base, train, [[0], [1]], config, make_mesh(MeshConfig()),
+                                 batch_size=16, progress=False)
     assert len(chosen) == 1
 
 

@@ -263,14 +263,17 @@ def boost_trained(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.Sta
                   steps: int = 1, step_size: float = DEFAULT_STEP_SIZE, seed: int = 0, batch_size: int = 32,
                   validation: Table | None = None, validation_member_logits: np.ndarray | None = None,
                   run_dir: str | Path | None = None, fingerprint: Mapping[str, Any] | None = None,
-                  progress: bool = True, cache: LogitCache | None = None) -> tuple[Ensemble, list[int]]:
+                  progress: bool = True, cache: LogitCache | None = None) -> tuple[Ensemble, list[int], list[int]]:
     """Trained boosting (:func:`boost`): each round trains ``init_lora`` (a fresh adapter,
     B = 0) on the chosen group's rows under the boosting objective with the training
     engine (``config``; data order and seed ``seed + round``; validation and early
     stopping on the group's validation rows when given). With ``run_dir`` round r
     checkpoints under ``run_dir/boost-<r>/`` with ``fingerprint`` plus the round and
-    group, so a rerun restores it instead of training; ``cache`` as in :func:`boost`."""
+    group, so a rerun restores it instead of training; ``cache`` as in :func:`boost`.
+    Returns the ensemble, the chosen groups and the optimizer steps each round trained
+    (early stopping may end a round before its budget)."""
     _check_fresh(init_lora)
+    steps_trained: list[int] = []
 
     def learner(round_: BoostingRound) -> Any:
         table = {k: v[round_.rows] for k, v in train_table.items()}
@@ -283,11 +286,13 @@ def boost_trained(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.Sta
                          "step_size": step_size},
             progress=progress, desc=f"boost {round_.index + 1}/{steps}",
         )
+        steps_trained.append(result.step)
         return unstack_tree(result.lora)[0]
 
-    return boost(graphdef, ensemble, base, train_table, groups, learner, steps=steps, step_size=step_size,
-                 batch_size=batch_size, validation=validation, validation_member_logits=validation_member_logits,
-                 mesh=mesh, cache=cache)
+    boosted, chosen = boost(graphdef, ensemble, base, train_table, groups, learner, steps=steps, step_size=step_size,
+                            batch_size=batch_size, validation=validation,
+                            validation_member_logits=validation_member_logits, mesh=mesh, cache=cache)
+    return boosted, chosen, steps_trained
 
 
 def boost_closed_form(graphdef: nnx.GraphDef, ensemble: Ensemble, init_lora: nnx.State, base: nnx.State,
