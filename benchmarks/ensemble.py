@@ -42,11 +42,8 @@ from jax_ensemble.config import config_hash, load_config
 from jax_ensemble.core.statistics import mean_std, paired_difference
 from jax_ensemble.data.offline import PLANTED_CONFLICTS
 from jax_ensemble.pipeline import run
+from jax_ensemble.report import METHODS
 from jax_ensemble.storage.atomic import atomic_write_json
-
-METHODS = ("zero_shot", "single_adapter", "random_groups", "ensemble_no_boosting", "ensemble")
-"""Every method a run can report; a table shows those that every seed has (the row without
-boosting exists only when the config boosts)."""
 
 
 def twin_pairs(tasks: Sequence[str]) -> list[tuple[str, str]]:
@@ -105,23 +102,25 @@ def main() -> None:
     per_seed: dict[int, dict[str, Any]] = {}
     for seed in args.seeds:
         config = load_config(args.config, [f"seed={seed}", *sizes, f"run_dir={out}/seed-{seed}", *args.overrides])
-        done = recorded.get(str(seed))
-        if done is not None and done["config_hash"] == config_hash(config) and not args.refresh:
-            per_seed[seed] = done  # finished in an earlier session: recorded with the same config
+        done, digest = recorded.get(str(seed)), config_hash(config)
+        same = done is not None and done["config_hash"] == digest  # recorded with the same config
+        if same and not args.refresh:
+            per_seed[seed] = done  # finished in an earlier session
             continue
         start = time.perf_counter()
         metrics = json.loads((run(config) / "metrics.json").read_text())
-        wall = done["wall_seconds"] if done is not None and args.refresh else round(time.perf_counter() - start, 1)
+        wall = done["wall_seconds"] if same else round(time.perf_counter() - start, 1)  # a refresh keeps the seed's
         per_seed[seed] = {"average_accuracy": metrics["average_accuracy"], "per_task_accuracy": metrics["per_task_accuracy"],
                           "groups": metrics["groups"], "wall_seconds": wall,
                           "ensemble_overhead_percent": metrics["flops"]["ensemble_overhead_percent"],
                           "training_budget": metrics.get("training_budget"), "conflicts": conflict_checks(metrics),
-                          "config_hash": config_hash(config)}
+                          "config_hash": digest}
         recorded[str(seed)] = per_seed[seed]
         atomic_write_json(results_path, recorded)
         print(f"seed {seed}: " + ", ".join(f"{m} {a:.3f}" for m, a in metrics["average_accuracy"].items()),
               file=sys.stderr, flush=True)
 
+    # the methods every seed reports (the row without boosting exists only when the config boosts)
     methods = [m for m in METHODS if all(m in per_seed[s]["average_accuracy"] for s in args.seeds)]
     tasks = list(per_seed[args.seeds[0]]["per_task_accuracy"][methods[0]])
     acc = {m: [per_seed[s]["average_accuracy"][m] for s in args.seeds] for m in methods}
